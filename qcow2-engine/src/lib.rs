@@ -1,6 +1,32 @@
 //! # qcow2-engine
 //!
-//! The qcow2 image engine (metadata caches, allocator, refcounts, read/write, discard and
-//! zero policy, check and map), built on `qcow2-format` and `host-io`. Filled by the
-//! engine issue; empty until then.
+//! The qcow2 image engine on top of `qcow2-format` (structures) and `host-io` (storage):
+//! create and open images, read and write at any offset, with metadata caches, a
+//! refcount-based allocator that fills holes, copy-on-write over backing files, snapshots
+//! and compressed clusters, and crash-safe write ordering.
+//!
+//! Concurrency: an [`Image`] is shared by reference between threads. One metadata lock
+//! serializes metadata changes; reads and writes of clusters that are already allocated
+//! do their data I/O outside it, with the clusters pinned so that they cannot be freed and
+//! reallocated underneath.
 #![forbid(unsafe_code)]
+
+mod alloc;
+mod backing;
+mod cache;
+mod compress;
+mod create;
+pub mod error;
+mod image;
+mod l2map;
+mod meta;
+mod open;
+pub mod options;
+mod read;
+mod refcounts;
+mod write;
+
+pub use create::{create, create_on};
+pub use error::{Error, Result};
+pub use image::{Image, ImageInfo, OpenOptions};
+pub use options::{CacheOptions, CreateOptions, Preallocation};

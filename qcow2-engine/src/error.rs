@@ -1,0 +1,76 @@
+//! Engine errors. Each carries a message for humans and maps to the errno a C caller sees.
+
+use std::io;
+
+use qcow2_format::FormatError;
+use thiserror::Error;
+
+/// Anything the engine can fail with.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The host storage failed; `context` says what the engine was doing.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The host error (its errno is preserved).
+        #[source]
+        source: io::Error,
+    },
+    /// The image's structures are invalid.
+    #[error("invalid image: {0}")]
+    Format(#[from] FormatError),
+    /// The image is inconsistent in a way found during I/O (it gets the corrupt bit).
+    #[error("image is corrupt: {0}; run 'qemu-img check -r all' (or qcowprov check with repair)")]
+    Corrupt(String),
+    /// A feature this library does not implement.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// A bad argument: option, range, alignment.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A write on a read-only image.
+    #[error("image is read-only: {0}")]
+    ReadOnly(String),
+    /// A limit of the format was hit (L1 or refcount table size, refcount width).
+    #[error("too large: {0}")]
+    TooLarge(String),
+}
+
+/// Result alias for the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The negative-errno class of this error, as the C API reports it (positive value).
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc_eio()),
+            Error::Format(_) | Error::InvalidArgument(_) => 22, // EINVAL
+            Error::Corrupt(_) => libc_eio(),
+            Error::Unsupported(_) => 95, // ENOTSUP
+            Error::ReadOnly(_) => 30,    // EROFS
+            Error::TooLarge(_) => 27,    // EFBIG
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}
+
+const fn libc_eio() -> i32 {
+    5
+}
+
+/// Shorthand for `Error::InvalidArgument(format!(..))`.
+macro_rules! invalid_arg {
+    ($($t:tt)*) => { $crate::error::Error::InvalidArgument(format!($($t)*)) };
+}
+pub(crate) use invalid_arg;
+
+/// Shorthand for `Error::Corrupt(format!(..))`.
+macro_rules! corrupt {
+    ($($t:tt)*) => { $crate::error::Error::Corrupt(format!($($t)*)) };
+}
+pub(crate) use corrupt;

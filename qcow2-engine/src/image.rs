@@ -1,0 +1,201 @@
+//! The image handle: open options, lifetime (flush, close), and what it reports about
+//! itself. Reading, writing and opening live in their own files.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use host_io::{FileOptions, FileStorage, Storage};
+use qcow2_format::{CompressionType, Geometry};
+
+use crate::backing::Backing;
+use crate::error::{Error, Result};
+use crate::meta::Meta;
+use crate::options::{parse_bool, parse_size, split_options, CacheOptions};
+
+/// How to open an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    pub direct: bool,
+    /// Do not open the backing file (unallocated clusters then read as zeros).
+    pub no_backing: bool,
+    /// Metadata cache sizes.
+    pub cache: CacheOptions,
+}
+
+impl OpenOptions {
+    /// Apply `key=value,...` runtime options: `read-only`, `cache.direct`, `l2-cache-size`,
+    /// `l2-cache-entry-size`, `refcount-cache-size`. Unknown keys are an error.
+    pub fn parse(s: &str) -> Result<OpenOptions> {
+        let mut o = OpenOptions::default();
+        for (k, v) in split_options(s)? {
+            match k.as_str() {
+                "read-only" => o.read_only = parse_bool(&k, &v)?,
+                "cache.direct" => o.direct = parse_bool(&k, &v)?,
+                "l2-cache-size" => o.cache.l2_cache_size = parse_size(&k, &v)?,
+                "l2-cache-entry-size" => o.cache.l2_cache_entry_size = parse_size(&k, &v)?,
+                "refcount-cache-size" => o.cache.refcount_cache_size = parse_size(&k, &v)?,
+                _ => return Err(crate::error::invalid_arg!("unknown open option '{k}'")),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// What an open image reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Subcluster size (the cluster size without extended L2).
+    pub subcluster_size: u64,
+    /// qcow2 version, 2 or 3.
+    pub version: u32,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// Lazy refcounts.
+    pub lazy_refcounts: bool,
+    /// Compression type of compressed clusters.
+    pub compression_type: CompressionType,
+    /// Backing file name, if any.
+    pub backing_file: Option<String>,
+    /// Backing file format, if named.
+    pub backing_format: Option<String>,
+    /// Number of internal snapshots.
+    pub snapshots: usize,
+    /// Incompatible feature bits.
+    pub incompatible_features: u64,
+    /// Compatible feature bits.
+    pub compatible_features: u64,
+    /// Autoclear feature bits.
+    pub autoclear_features: u64,
+    /// Opened read-only.
+    pub read_only: bool,
+}
+
+/// An open qcow2 image. All methods take `&self`; one handle may be used from several
+/// threads. Metadata changes are serialized by one lock; data I/O on clusters that are
+/// already allocated runs outside it.
+pub struct Image {
+    pub(crate) meta: Mutex<Meta>,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) backing: Option<Backing>,
+    pub(crate) geo: Geometry,
+    pub(crate) size: std::sync::atomic::AtomicU64,
+    pub(crate) compression: CompressionType,
+    pub(crate) read_only: bool,
+    pub(crate) closed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("virtual_size", &self.virtual_size())
+            .field("cluster_size", &self.geo.cluster_size())
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+impl Image {
+    /// Open the image at `path` (regular file or block device).
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let fo = FileOptions::new().read_only(opts.read_only).direct(opts.direct);
+        let storage = FileStorage::open(path, &fo)
+            .map_err(Error::io(format!("opening '{}'", path.display())))?;
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Self::open_storage_in_chain(Arc::new(storage), opts, canon.parent(), &[canon.clone()])
+    }
+
+    /// Open an image on any storage; `dir` resolves a relative backing file name.
+    pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions, dir: Option<&Path>) -> Result<Image> {
+        Self::open_storage_in_chain(storage, opts, dir, &[])
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock leaves metadata possibly half-updated in memory;
+        // the on-disk state is still ordered, so continuing with the guard is no worse
+        // than the crash the ordering protects against.
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Virtual size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// The geometry (cluster size, L2 width, refcount order).
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// The storage under the image.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// What the image reports about itself.
+    pub fn info(&self) -> ImageInfo {
+        let m = self.lock();
+        let h = &m.area.header;
+        let s = |v: Option<&[u8]>| v.map(|b| String::from_utf8_lossy(b).into_owned());
+        ImageInfo {
+            virtual_size: self.virtual_size(),
+            cluster_size: self.geo.cluster_size(),
+            subcluster_size: self.geo.subcluster_size(),
+            version: h.version,
+            refcount_bits: self.geo.refcount_bits(),
+            extended_l2: self.geo.extended_l2(),
+            lazy_refcounts: h.lazy_refcounts(),
+            compression_type: self.compression,
+            backing_file: s(m.area.backing_file.as_deref()),
+            backing_format: s(m.area.backing_format()),
+            snapshots: m.snapshots.len(),
+            incompatible_features: h.incompatible_features,
+            compatible_features: h.compatible_features,
+            autoclear_features: h.autoclear_features,
+            read_only: self.read_only,
+        }
+    }
+
+    /// Make every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        self.lock().flush()
+    }
+
+    /// Flush and close, reporting a flush error (dropping an image flushes silently).
+    pub fn close(self) -> Result<()> {
+        let r = self.close_inner();
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        r
+    }
+
+    fn close_inner(&self) -> Result<()> {
+        let mut m = self.lock();
+        if m.read_only {
+            return Ok(());
+        }
+        m.flush()?;
+        m.finish_clean_close()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = self.close_inner();
+        }
+    }
+}

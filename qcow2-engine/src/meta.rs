@@ -1,0 +1,380 @@
+//! Metadata state of an open image, guarded by the image's one metadata lock: header, L1
+//! and refcount tables in memory, the L2 and refcount-block caches, and the write-back
+//! ordering between them.
+//!
+//! Ordering (as QEMU's cache dependencies):
+//! - allocation: refcount blocks reach disk and are synced before L2 entries that point at
+//!   the new clusters (`Dep::L2AfterRefcounts`);
+//! - freeing: L2 entries reach disk and are synced before the refcount decrements
+//!   (`Dep::RefcountsAfterL2`);
+//! - copy-on-write / zero-fill data must be durable before the L2 entry that exposes it
+//!   (`l2_needs_sync`).
+//!
+//! Switching direction writes the pending side first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use host_io::Storage;
+use qcow2_format::{Geometry, HeaderArea, SnapshotEntry};
+
+use crate::cache::TableCache;
+use crate::error::{corrupt, Error, Result};
+
+/// Which write-back order is currently required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dep {
+    None,
+    /// L2 slices may only be written after refcount blocks are written and synced.
+    L2AfterRefcounts,
+    /// Refcount blocks may only be written after L2 slices are written and synced.
+    RefcountsAfterL2,
+}
+
+/// Which cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Which {
+    L2,
+    Refcount,
+}
+
+/// What a metadata range holds (for overlap checks and messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MetaKind {
+    Header,
+    ActiveL1,
+    ActiveL2,
+    RefcountTable,
+    RefcountBlock,
+    SnapshotTable,
+    SnapshotL1,
+}
+
+/// The metadata of an open image.
+pub(crate) struct Meta {
+    pub storage: Arc<dyn Storage>,
+    pub geo: Geometry,
+    pub area: HeaderArea,
+    pub read_only: bool,
+    /// Active L1 table, raw entries.
+    pub l1: Vec<u64>,
+    /// Refcount table, raw entries.
+    pub reftable: Vec<u64>,
+    pub l2_cache: TableCache,
+    pub rb_cache: TableCache,
+    pub dep: Dep,
+    pub l2_needs_sync: bool,
+    /// Lowest cluster index that may be free.
+    pub free_hint: u64,
+    /// First byte past every allocated cluster (cluster aligned, never shrinks).
+    pub alloc_end: u64,
+    /// Host clusters with lock-free data I/O in flight: never reallocated meanwhile.
+    pub inflight: HashMap<u64, u32>,
+    /// Metadata ranges: start -> (end, kind).
+    pub meta_ranges: BTreeMap<u64, (u64, MetaKind)>,
+    pub snapshots: Vec<SnapshotEntry>,
+    /// Set once an inconsistency was found; all further writes are refused.
+    pub corrupt: bool,
+    /// The first metadata change has done its header bookkeeping (autoclear, dirty bit).
+    pub first_write_done: bool,
+    /// This handle set the dirty bit (lazy refcounts) and clears it on clean close.
+    pub dirty_set_by_us: bool,
+}
+
+impl Meta {
+    pub(crate) fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// Read bytes from the host, naming what for in the error.
+    pub(crate) fn read_host(&self, buf: &mut [u8], off: u64, what: &str) -> Result<()> {
+        self.storage
+            .read_at(buf, off)
+            .map_err(Error::io(format!("reading {what} at {off:#x}")))
+    }
+
+    /// Write bytes to the host after checking that they do not land on metadata other than
+    /// `allowed` (the structure being written).
+    pub(crate) fn write_host(&mut self, buf: &[u8], off: u64, allowed: Option<MetaKind>, what: &str) -> Result<()> {
+        self.check_overlap(off, buf.len() as u64, allowed, what)?;
+        self.storage
+            .write_at(buf, off)
+            .map_err(Error::io(format!("writing {what} at {off:#x}")))
+    }
+
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.storage.flush().map_err(Error::io("flushing the image file"))
+    }
+
+    // ---- overlap checks ----
+
+    pub(crate) fn add_meta(&mut self, start: u64, len: u64, kind: MetaKind) {
+        if len > 0 {
+            self.meta_ranges.insert(start, (start + len, kind));
+        }
+    }
+
+    pub(crate) fn remove_meta(&mut self, start: u64) {
+        self.meta_ranges.remove(&start);
+    }
+
+    /// The metadata range overlapping `[start, start+len)`, if any.
+    pub(crate) fn overlapping_meta(&self, start: u64, len: u64) -> Option<(u64, u64, MetaKind)> {
+        let end = start.checked_add(len)?;
+        let (&s, &(e, k)) = self.meta_ranges.range(..end).next_back()?;
+        (e > start).then_some((s, e, k))
+    }
+
+    /// Refuse (and mark the image corrupt) a write that would land on metadata.
+    pub(crate) fn check_overlap(&mut self, start: u64, len: u64, allowed: Option<MetaKind>, what: &str) -> Result<()> {
+        if let Some((s, e, k)) = self.overlapping_meta(start, len) {
+            if Some(k) == allowed && s <= start && start + len <= e {
+                return Ok(());
+            }
+            let msg = format!(
+                "preventing {what} write at {start:#x}+{len:#x}: it overlaps {k:?} at {s:#x}..{e:#x}"
+            );
+            self.mark_corrupt();
+            return Err(corrupt!("{msg}"));
+        }
+        Ok(())
+    }
+
+    /// Set the corrupt bit on disk (best effort) and refuse further writes.
+    pub(crate) fn mark_corrupt(&mut self) {
+        if self.corrupt || self.read_only {
+            self.corrupt = true;
+            return;
+        }
+        self.corrupt = true;
+        if self.area.header.version >= 3 {
+            self.area.header.incompatible_features |= qcow2_format::features::incompatible::CORRUPT;
+            let bytes = self.area.header.to_bytes();
+            let _ = self.storage.write_at(&bytes, 0);
+            let _ = self.storage.flush();
+        }
+    }
+
+    // ---- caches ----
+
+    fn cache(&mut self, w: Which) -> &mut TableCache {
+        match w {
+            Which::L2 => &mut self.l2_cache,
+            Which::Refcount => &mut self.rb_cache,
+        }
+    }
+
+    /// Make sure the entry at `off` is cached, reading it from disk (evicting as needed).
+    pub(crate) fn load(&mut self, w: Which, off: u64) -> Result<()> {
+        if self.cache(w).contains(off) {
+            return Ok(());
+        }
+        let size = self.cache(w).entry_size();
+        let mut buf = vec![0u8; size].into_boxed_slice();
+        let what = match w {
+            Which::L2 => "L2 table",
+            Which::Refcount => "refcount block",
+        };
+        self.read_host(&mut buf, off, what)?;
+        self.make_room(w)?;
+        self.cache(w).insert(off, buf, false);
+        Ok(())
+    }
+
+    /// Insert fresh content (e.g. a new table) as a dirty or clean entry.
+    pub(crate) fn install(&mut self, w: Which, off: u64, data: Box<[u8]>, dirty: bool) -> Result<()> {
+        if !self.cache(w).contains(off) {
+            self.make_room(w)?;
+        }
+        self.cache(w).insert(off, data, dirty);
+        Ok(())
+    }
+
+    fn make_room(&mut self, w: Which) -> Result<()> {
+        while self.cache(w).is_full() {
+            let Some((off, dirty)) = self.cache(w).victim() else { break };
+            if dirty {
+                // Writing back one entry may require the other cache first.
+                self.prepare_write_back(w)?;
+                self.write_entry(w, off)?;
+            }
+            self.cache(w).remove(off);
+        }
+        Ok(())
+    }
+
+    fn write_entry(&mut self, w: Which, off: u64) -> Result<()> {
+        let (data, kind, what) = match w {
+            Which::L2 => (self.l2_cache.peek(off), MetaKind::ActiveL2, "L2 table"),
+            Which::Refcount => (self.rb_cache.peek(off), MetaKind::RefcountBlock, "refcount block"),
+        };
+        let Some(data) = data else { return Ok(()) };
+        let data = data.to_vec();
+        // L2 slices live inside a whole-table range; refcount blocks are whole clusters.
+        self.write_host(&data, off, Some(kind), what)?;
+        self.cache(w).mark_clean(off);
+        Ok(())
+    }
+
+    fn write_all(&mut self, w: Which) -> Result<()> {
+        for off in self.cache(w).dirty_offsets() {
+            self.write_entry(w, off)?;
+        }
+        Ok(())
+    }
+
+    /// Satisfy the ordering rules before writing entries of cache `w`.
+    fn prepare_write_back(&mut self, w: Which) -> Result<()> {
+        match (w, self.dep) {
+            (Which::L2, Dep::L2AfterRefcounts) => {
+                self.write_all(Which::Refcount)?;
+                self.sync()?;
+                self.dep = Dep::None;
+                self.l2_needs_sync = false;
+            }
+            (Which::Refcount, Dep::RefcountsAfterL2) => {
+                if self.l2_needs_sync {
+                    self.sync()?;
+                    self.l2_needs_sync = false;
+                }
+                self.write_all(Which::L2)?;
+                self.sync()?;
+                self.dep = Dep::None;
+            }
+            _ => {}
+        }
+        if w == Which::L2 && self.l2_needs_sync {
+            self.sync()?;
+            self.l2_needs_sync = false;
+        }
+        Ok(())
+    }
+
+    /// Write back every dirty entry of cache `w`, honouring the ordering.
+    pub(crate) fn write_back(&mut self, w: Which) -> Result<()> {
+        if !self.cache(w).has_dirty() {
+            return Ok(());
+        }
+        self.prepare_write_back(w)?;
+        self.write_all(w)
+    }
+
+    /// Require `dep` for entries dirtied from now on; if the opposite order is pending,
+    /// complete it first.
+    pub(crate) fn set_dep(&mut self, dep: Dep) -> Result<()> {
+        if self.dep == dep || dep == Dep::None {
+            return Ok(());
+        }
+        if self.dep != Dep::None {
+            self.write_back_all()?;
+            self.sync()?;
+        }
+        self.dep = dep;
+        Ok(())
+    }
+
+    /// Write every dirty metadata entry in a valid order (no final sync).
+    pub(crate) fn write_back_all(&mut self) -> Result<()> {
+        match self.dep {
+            Dep::RefcountsAfterL2 => {
+                self.write_back(Which::L2)?;
+                self.write_back(Which::Refcount)?;
+            }
+            _ => {
+                self.write_back(Which::Refcount)?;
+                self.write_back(Which::L2)?;
+            }
+        }
+        self.dep = Dep::None;
+        Ok(())
+    }
+
+    /// Everything durable.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if !self.read_only {
+            self.write_back_all()?;
+        }
+        self.sync()
+    }
+
+    // ---- header and L1 (written through) ----
+
+    /// Rewrite the fixed header fields (first sector only, so a torn write cannot damage
+    /// the extensions).
+    pub(crate) fn write_header(&mut self) -> Result<()> {
+        let bytes = self.area.header.to_bytes();
+        self.storage
+            .write_at(&bytes, 0)
+            .map_err(Error::io("writing the image header"))
+    }
+
+    /// Write one L1 entry in place.
+    pub(crate) fn write_l1_entry(&mut self, index: usize) -> Result<()> {
+        let off = self.area.header.l1_table_offset + index as u64 * 8;
+        let bytes = self.l1[index].to_be_bytes();
+        self.write_host(&bytes, off, Some(MetaKind::ActiveL1), "L1 entry")
+    }
+
+    /// Refuse writes on read-only or corrupt images.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly("opened read-only".into()));
+        }
+        if self.corrupt {
+            return Err(corrupt!("an inconsistency was found earlier; writes are refused"));
+        }
+        Ok(())
+    }
+
+    /// Header bookkeeping before the first metadata change: clear autoclear bits this
+    /// library does not maintain, and set the dirty bit when lazy refcounts are on.
+    pub(crate) fn prepare_first_write(&mut self) -> Result<()> {
+        self.check_writable()?;
+        if self.first_write_done {
+            return Ok(());
+        }
+        let h = &mut self.area.header;
+        let mut changed = false;
+        if h.version >= 3 && h.autoclear_features != 0 {
+            h.autoclear_features = 0;
+            changed = true;
+        }
+        if h.lazy_refcounts() && !h.is_dirty() {
+            h.incompatible_features |= qcow2_format::features::incompatible::DIRTY;
+            self.dirty_set_by_us = true;
+            changed = true;
+        }
+        if changed {
+            self.write_header()?;
+            self.sync()?;
+        }
+        self.first_write_done = true;
+        Ok(())
+    }
+
+    /// After a successful flush on close: clear the dirty bit this handle set.
+    pub(crate) fn finish_clean_close(&mut self) -> Result<()> {
+        if self.dirty_set_by_us {
+            self.area.header.incompatible_features &= !qcow2_format::features::incompatible::DIRTY;
+            self.write_header()?;
+            self.sync()?;
+            self.dirty_set_by_us = false;
+        }
+        Ok(())
+    }
+
+    // ---- in-flight data I/O ----
+
+    pub(crate) fn inflight_add(&mut self, cluster: u64) {
+        *self.inflight.entry(cluster).or_insert(0) += 1;
+    }
+
+    pub(crate) fn inflight_remove(&mut self, cluster: u64) {
+        if let Some(n) = self.inflight.get_mut(&cluster) {
+            *n -= 1;
+            if *n == 0 {
+                self.inflight.remove(&cluster);
+            }
+        }
+    }
+}

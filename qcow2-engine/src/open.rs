@@ -1,0 +1,266 @@
+//! Opening an image: read and validate cluster 0, check every table against the file,
+//! load L1 and the refcount table, map the metadata for overlap checks, size the caches,
+//! and open the backing chain. Cost is proportional to the L1 and refcount tables, never
+//! to the image's data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use host_io::Storage;
+use qcow2_format::features::{describe_incompatible, incompatible};
+use qcow2_format::header::Header;
+use qcow2_format::l1::decode_table;
+use qcow2_format::snapshot::{SnapshotEntry, SNAPSHOT_FIXED_LEN};
+use qcow2_format::{refcount, Geometry, HeaderArea, L1Entry};
+
+use crate::backing::open_backing;
+use crate::cache::TableCache;
+use crate::error::{corrupt, invalid_arg, Error, Result};
+use crate::image::{Image, OpenOptions};
+use crate::meta::{Dep, Meta, MetaKind};
+
+/// QEMU's default ceiling for the L2 cache.
+const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+
+impl Image {
+    pub(crate) fn open_storage_in_chain(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        dir: Option<&Path>,
+        chain: &[PathBuf],
+    ) -> Result<Image> {
+        let file_len = storage.len().map_err(Error::io("reading the image length"))?;
+        let mut first = vec![0u8; 4096];
+        storage
+            .read_at(&mut first, 0)
+            .map_err(Error::io("reading the image header"))?;
+        if file_len < 72 {
+            return Err(invalid_arg!(
+                "file is {file_len} bytes, too short for a qcow2 header"
+            ));
+        }
+        let header = Header::decode(&first)
+            .or_else(|_| Header::decode(&first[..first.len().min(file_len as usize)]))?;
+        header.validate()?;
+        let geo = header.geometry()?;
+        let cs = geo.cluster_size();
+        let mut cluster0 = vec![0u8; cs.min(file_len) as usize];
+        storage
+            .read_at(&mut cluster0, 0)
+            .map_err(Error::io("reading cluster 0"))?;
+        let area = HeaderArea::parse(&cluster0)?;
+        let h = &area.header;
+        refuse_unsupported(h, opts.read_only)?;
+
+        let within = |what: &str, off: u64, len: u64| -> Result<()> {
+            match off.checked_add(len) {
+                Some(end) if end <= file_len => Ok(()),
+                _ => Err(corrupt!(
+                    "{what} at {off:#x} (+{len:#x} bytes) extends past the end of the file ({file_len:#x})"
+                )),
+            }
+        };
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        within("L1 table", h.l1_table_offset, l1_bytes)?;
+        let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+        within("refcount table", h.refcount_table_offset, rt_bytes)?;
+
+        let mut buf = vec![0u8; l1_bytes as usize];
+        storage
+            .read_at(&mut buf, h.l1_table_offset)
+            .map_err(Error::io("reading the L1 table"))?;
+        let l1 = decode_table(&buf);
+        let mut buf = vec![0u8; rt_bytes as usize];
+        storage
+            .read_at(&mut buf, h.refcount_table_offset)
+            .map_err(Error::io("reading the refcount table"))?;
+        let reftable = decode_table(&buf);
+        let snapshots = read_snapshots(&*storage, h, &geo, file_len)?;
+
+        let mut ranges = MetaMap::default();
+        ranges.add(0, cs, MetaKind::Header);
+        ranges.add(h.l1_table_offset, l1_bytes, MetaKind::ActiveL1);
+        ranges.add(h.refcount_table_offset, rt_bytes, MetaKind::RefcountTable);
+        for (i, &raw) in reftable.iter().enumerate() {
+            match refcount::reftable_entry(raw, &geo) {
+                Ok(0) => {}
+                Ok(off) => ranges.add(off, cs, MetaKind::RefcountBlock),
+                Err(e) => ranges.problem(format!("refcount table entry {i}: {e}")),
+            }
+        }
+        for (i, &raw) in l1.iter().enumerate() {
+            let e = L1Entry(raw);
+            match e.validate(&geo) {
+                Ok(()) if e.is_unallocated() => {}
+                Ok(()) => ranges.add(e.l2_offset(), cs, MetaKind::ActiveL2),
+                Err(err) => ranges.problem(format!("L1 entry {i}: {err}")),
+            }
+        }
+        if h.nb_snapshots > 0 {
+            let len: u64 = snapshots
+                .iter()
+                .map(|s| s.to_bytes().map(|b| b.len() as u64).unwrap_or(0))
+                .sum();
+            ranges.add(h.snapshots_offset, len, MetaKind::SnapshotTable);
+            for s in &snapshots {
+                ranges.add(s.l1_table_offset, u64::from(s.l1_size) * 8, MetaKind::SnapshotL1);
+            }
+        }
+        if let Some(p) = ranges.problems.first() {
+            if !opts.read_only {
+                return Err(corrupt!("{p}"));
+            }
+        }
+
+        let (l2_entry, l2_entries, rb_entries) = cache_sizes(&opts.cache, &geo, h.size)?;
+        let virtual_size = h.size;
+        let compression = h.compression()?;
+        let backing = match (&area.backing_file, opts.no_backing) {
+            (Some(name), false) => Some(open_backing(name, area.backing_format(), dir, chain, opts)?),
+            _ => None,
+        };
+        let meta = Meta {
+            storage: storage.clone(),
+            geo,
+            read_only: opts.read_only,
+            l1,
+            reftable,
+            l2_cache: TableCache::new(l2_entry, l2_entries),
+            rb_cache: TableCache::new(cs as usize, rb_entries),
+            dep: Dep::None,
+            l2_needs_sync: false,
+            free_hint: 0,
+            alloc_end: geo.align_up(file_len),
+            inflight: HashMap::new(),
+            meta_ranges: ranges.map,
+            snapshots,
+            corrupt: false,
+            first_write_done: false,
+            dirty_set_by_us: false,
+            area,
+        };
+        Ok(Image {
+            meta: Mutex::new(meta),
+            storage,
+            backing,
+            geo,
+            size: AtomicU64::new(virtual_size),
+            compression,
+            read_only: opts.read_only,
+            closed: AtomicBool::new(false),
+        })
+    }
+}
+
+/// Refuse what this library cannot handle safely.
+fn refuse_unsupported(h: &Header, read_only: bool) -> Result<()> {
+    let unknown = h.unknown_incompatible();
+    if unknown != 0 {
+        return Err(Error::Unsupported(format!(
+            "unknown incompatible feature bits {:#x} ({})",
+            unknown,
+            describe_incompatible(unknown).join(", ")
+        )));
+    }
+    if h.crypt_method != 0 {
+        return Err(Error::Unsupported(format!(
+            "encrypted images (crypt_method {})",
+            h.crypt_method
+        )));
+    }
+    if h.incompatible_features & incompatible::EXTERNAL_DATA_FILE != 0 {
+        return Err(Error::Unsupported("images with an external data file".into()));
+    }
+    if !read_only && h.is_corrupt() {
+        return Err(Error::Corrupt(
+            "the image has the corrupt bit set and cannot be opened read/write".into(),
+        ));
+    }
+    if !read_only && h.is_dirty() {
+        return Err(Error::Unsupported(
+            "the image is dirty (lazy refcounts, unclean shutdown) and needs a refcount repair before it is opened read/write"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn read_snapshots(s: &dyn Storage, h: &Header, geo: &Geometry, file_len: u64) -> Result<Vec<SnapshotEntry>> {
+    let mut out = Vec::new();
+    let mut at = h.snapshots_offset;
+    for index in 0..h.nb_snapshots as usize {
+        let mut fixed = [0u8; SNAPSHOT_FIXED_LEN];
+        if at + SNAPSHOT_FIXED_LEN as u64 > file_len {
+            return Err(corrupt!("snapshot table entry {index} at {at:#x} is past the end of the file"));
+        }
+        s.read_at(&mut fixed, at).map_err(Error::io("reading the snapshot table"))?;
+        let extra = u64::from(u32::from_be_bytes(fixed[36..40].try_into().expect("4")));
+        let id = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
+        let name = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+        let total = (SNAPSHOT_FIXED_LEN as u64 + extra.min(4096) + id + name).div_ceil(8) * 8;
+        if at + total > file_len {
+            return Err(corrupt!("snapshot table entry {index} at {at:#x} is past the end of the file"));
+        }
+        let mut buf = vec![0u8; total as usize];
+        s.read_at(&mut buf, at).map_err(Error::io("reading the snapshot table"))?;
+        let (e, len) = SnapshotEntry::parse(&buf, index, (at - h.snapshots_offset) as usize)?;
+        if e.l1_size as u64 > qcow2_format::geometry::MAX_L1_BYTES / 8 {
+            return Err(corrupt!("snapshot {index}: L1 table too large ({} entries)", e.l1_size));
+        }
+        geo.check_table_offset("snapshot L1 table", e.l1_table_offset)?;
+        out.push(e);
+        at += len as u64;
+    }
+    Ok(out)
+}
+
+/// Cache geometry: (L2 entry size, L2 entries, refcount block entries).
+fn cache_sizes(c: &crate::options::CacheOptions, geo: &Geometry, size: u64) -> Result<(usize, usize, usize)> {
+    let cs = geo.cluster_size();
+    let entry = if c.l2_cache_entry_size == 0 { cs } else { c.l2_cache_entry_size };
+    if !entry.is_power_of_two() || entry < 512 || entry > cs {
+        return Err(invalid_arg!(
+            "l2-cache-entry-size must be a power of two between 512 and the cluster size ({cs})"
+        ));
+    }
+    let whole = geo.l1_entries_for(size).saturating_mul(cs);
+    let l2 = if c.l2_cache_size == 0 {
+        whole.min(DEFAULT_L2_CACHE_MAX)
+    } else {
+        c.l2_cache_size
+    }
+    .max(2 * cs);
+    let rb = if c.refcount_cache_size == 0 { l2 / 4 } else { c.refcount_cache_size }.max(4 * cs);
+    Ok((entry as usize, (l2 / entry).max(2) as usize, (rb / cs).max(4) as usize))
+}
+
+/// Metadata ranges being collected at open, with overlaps recorded as problems.
+#[derive(Default)]
+struct MetaMap {
+    map: BTreeMap<u64, (u64, MetaKind)>,
+    problems: Vec<String>,
+}
+
+impl MetaMap {
+    fn add(&mut self, start: u64, len: u64, kind: MetaKind) {
+        if len == 0 {
+            return;
+        }
+        let end = start.saturating_add(len);
+        if let Some((&s, &(e, k))) = self.map.range(..end).next_back() {
+            if e > start {
+                self.problem(format!(
+                    "{kind:?} at {start:#x}..{end:#x} overlaps {k:?} at {s:#x}..{e:#x}"
+                ));
+                return;
+            }
+        }
+        self.map.insert(start, (end, kind));
+    }
+
+    fn problem(&mut self, p: String) {
+        self.problems.push(p);
+    }
+}
