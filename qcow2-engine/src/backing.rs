@@ -68,24 +68,32 @@ pub(crate) fn open_backing(
     chain: &[PathBuf],
     opts: &OpenOptions,
 ) -> Result<Backing> {
-    let name = std::str::from_utf8(name)
-        .map_err(|_| invalid_arg!("backing file name is not UTF-8"))?;
+    let name =
+        std::str::from_utf8(name).map_err(|_| invalid_arg!("backing file name is not UTF-8"))?;
     if chain.len() >= MAX_BACKING_DEPTH {
         return Err(invalid_arg!(
             "backing chain deeper than {MAX_BACKING_DEPTH} at '{name}'"
         ));
     }
     let path = resolve(name, image_dir);
-    let canon = std::fs::canonicalize(&path)
-        .map_err(Error::io(format!("opening backing file '{}'", path.display())))?;
+    let canon = std::fs::canonicalize(&path).map_err(Error::io(format!(
+        "opening backing file '{}'",
+        path.display()
+    )))?;
     if chain.contains(&canon) {
         return Err(invalid_arg!(
             "backing chain loop: '{}' is already in the chain",
             canon.display()
         ));
     }
-    let storage = FileStorage::open(&canon, &FileOptions::new().read_only(true).direct(opts.direct))
-        .map_err(Error::io(format!("opening backing file '{}'", canon.display())))?;
+    let storage = FileStorage::open(
+        &canon,
+        &FileOptions::new().read_only(true).direct(opts.direct),
+    )
+    .map_err(Error::io(format!(
+        "opening backing file '{}'",
+        canon.display()
+    )))?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let fmt = match fmt {
         Some(f) => std::str::from_utf8(f).unwrap_or("").to_string(),
@@ -117,9 +125,11 @@ fn probe(s: &dyn Storage) -> Result<&'static str> {
     let mut m = [0u8; 4];
     s.read_at(&mut m, 0)
         .map_err(Error::io("probing the backing file format"))?;
-    Ok(if u32::from_be_bytes(m) == qcow2_format::header::QCOW_MAGIC {
-        "qcow2"
-    } else {
-        "raw"
-    })
+    Ok(
+        if u32::from_be_bytes(m) == qcow2_format::header::QCOW_MAGIC {
+            "qcow2"
+        } else {
+            "raw"
+        },
+    )
 }

@@ -11,7 +11,11 @@ use qcow2_format::CompressionType;
 use crate::error::{corrupt, Result};
 
 /// Decompress `input` into `out` (one cluster), failing unless `out` is filled.
-pub(crate) fn decompress_cluster(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<()> {
+pub(crate) fn decompress_cluster(
+    kind: CompressionType,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
     match kind {
         CompressionType::Deflate => inflate(input, out),
         CompressionType::Zstd => unzstd(input, out),
@@ -36,8 +40,12 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     let mut src = input;
     let mut dec = ruzstd::decoding::StreamingDecoder::new(&mut src)
         .map_err(|e| corrupt!("zstd-compressed cluster has a bad frame header: {e}"))?;
-    dec.read_exact(out)
-        .map_err(|e| corrupt!("zstd-compressed cluster did not decompress to {} bytes: {e}", out.len()))
+    dec.read_exact(out).map_err(|e| {
+        corrupt!(
+            "zstd-compressed cluster did not decompress to {} bytes: {e}",
+            out.len()
+        )
+    })
 }
 
 #[cfg(test)]

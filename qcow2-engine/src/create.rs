@@ -40,15 +40,26 @@ fn feature_names() -> Vec<FeatureName> {
 pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
     let path = path.as_ref();
     opts.validate()?;
-    let dir = std::fs::canonicalize(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-        .map_err(Error::io(format!("resolving the directory of '{}'", path.display())))?;
+    let dir = std::fs::canonicalize(
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
+    .map_err(Error::io(format!(
+        "resolving the directory of '{}'",
+        path.display()
+    )))?;
     let storage = FileStorage::open(path, &FileOptions::create_new())
         .map_err(Error::io(format!("creating '{}'", path.display())))?;
     create_on(Arc::new(storage), opts, Some(&dir))
 }
 
 /// Create an image on any storage; `dir` resolves a relative backing file name.
-pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions, dir: Option<&Path>) -> Result<()> {
+pub fn create_on(
+    storage: Arc<dyn Storage>,
+    opts: &CreateOptions,
+    dir: Option<&Path>,
+) -> Result<()> {
     opts.validate()?;
     let geo = Geometry::from_cluster_size(opts.cluster_size, opts.extended_l2, opts.refcount_bits)
         .map_err(|e| invalid_arg!("{e}"))?;
@@ -65,7 +76,8 @@ pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions, dir: Option<&P
         .checked_add(511)
         .map(|s| s & !511)
         .ok_or_else(|| invalid_arg!("size {size} is too large"))?;
-    geo.check_virtual_size(size).map_err(|e| Error::TooLarge(e.to_string()))?;
+    geo.check_virtual_size(size)
+        .map_err(|e| Error::TooLarge(e.to_string()))?;
     let cs = geo.cluster_size();
     let l1_entries = geo.l1_entries_for(size);
     let l1_clusters = geo.clusters_for(l1_entries * 8).max(1);
@@ -107,7 +119,11 @@ pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions, dir: Option<&P
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible_features: features,
-        compatible_features: if opts.lazy_refcounts { compatible::LAZY_REFCOUNTS } else { 0 },
+        compatible_features: if opts.lazy_refcounts {
+            compatible::LAZY_REFCOUNTS
+        } else {
+            0
+        },
         autoclear_features: 0,
         refcount_order: geo.refcount_order(),
         header_length: if v3 { V3_HEADER_LEN } else { V2_HEADER_LEN } as u32,
@@ -129,17 +145,26 @@ pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions, dir: Option<&P
     let cluster0 = area.to_bytes()?;
 
     let io = |ctx: &'static str| Error::io(ctx);
-    storage.set_len(0).or_else(|e| {
-        // Block devices keep their size; the image is laid over the start.
-        if storage.capabilities().is_block_device { Ok(()) } else { Err(e) }
-    }).map_err(io("truncating the new image"))?;
+    storage
+        .set_len(0)
+        .or_else(|e| {
+            // Block devices keep their size; the image is laid over the start.
+            if storage.capabilities().is_block_device {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(io("truncating the new image"))?;
     let mut c0 = vec![0u8; cs as usize];
     c0[..cluster0.len()].copy_from_slice(&cluster0);
     storage.write_at(&c0, 0).map_err(io("writing the header"))?;
     let table: Vec<u64> = (0..rt * cs / 8)
         .map(|i| if i < rb { rb_off + i * cs } else { 0 })
         .collect();
-    storage.write_at(&encode_table(&table), rt_off).map_err(io("writing the refcount table"))?;
+    storage
+        .write_at(&encode_table(&table), rt_off)
+        .map_err(io("writing the refcount table"))?;
     let mut blocks = vec![0u8; (rb * cs) as usize];
     for c in 0..total {
         let b = (c / geo.refcount_block_entries()) as usize;
@@ -147,17 +172,35 @@ pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions, dir: Option<&P
         let blk = &mut blocks[b * cs as usize..(b + 1) * cs as usize];
         refcount::set(blk, i, geo.refcount_order(), 1)?;
     }
-    storage.write_at(&blocks, rb_off).map_err(io("writing the refcount blocks"))?;
+    storage
+        .write_at(&blocks, rb_off)
+        .map_err(io("writing the refcount blocks"))?;
     let l1 = vec![0u8; (l1_entries * 8) as usize];
-    storage.write_at(&l1, l1_off).map_err(io("writing the L1 table"))?;
+    storage
+        .write_at(&l1, l1_off)
+        .map_err(io("writing the L1 table"))?;
     if l1_entries == 0 {
-        storage.set_len(l1_off + cs).or_else(|e| {
-            if storage.capabilities().is_block_device { Ok(()) } else { Err(e) }
-        }).map_err(io("sizing the new image"))?;
+        storage
+            .set_len(l1_off + cs)
+            .or_else(|e| {
+                if storage.capabilities().is_block_device {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(io("sizing the new image"))?;
     }
     storage.flush().map_err(io("flushing the new image"))?;
     if opts.preallocation != Preallocation::Off {
-        let img = Image::open_storage(storage, &OpenOptions { no_backing: true, ..Default::default() }, dir)?;
+        let img = Image::open_storage(
+            storage,
+            &OpenOptions {
+                no_backing: true,
+                ..Default::default()
+            },
+            dir,
+        )?;
         img.preallocate(opts.preallocation)?;
         img.close()?;
     }
@@ -185,8 +228,15 @@ impl Image {
                 for k in 0..r.count {
                     let host = r.off + k * cs;
                     let slot = m.l2_slot_for_write(g + i * cs)?;
-                    let bm = if geo.extended_l2() { qcow2_format::l2::BITMAP_ALL_ALLOC } else { 0 };
-                    m.l2_set(slot, qcow2_format::L2Entry::new(host | qcow2_format::l2::OFLAG_COPIED, bm))?;
+                    let bm = if geo.extended_l2() {
+                        qcow2_format::l2::BITMAP_ALL_ALLOC
+                    } else {
+                        0
+                    };
+                    m.l2_set(
+                        slot,
+                        qcow2_format::L2Entry::new(host | qcow2_format::l2::OFLAG_COPIED, bm),
+                    )?;
                     i += 1;
                 }
                 let len = r.count * cs;
@@ -207,9 +257,14 @@ impl Image {
         }
         // The file covers every allocated cluster, as qemu-img leaves it.
         let end = m.alloc_end;
-        let len = m.storage.len().map_err(Error::io("reading the image length"))?;
+        let len = m
+            .storage
+            .len()
+            .map_err(Error::io("reading the image length"))?;
         if len < end {
-            m.storage.set_len(end).map_err(Error::io("extending the image"))?;
+            m.storage
+                .set_len(end)
+                .map_err(Error::io("extending the image"))?;
         }
         m.flush()
     }

@@ -107,15 +107,21 @@ impl Image {
     /// Open the image at `path` (regular file or block device).
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        let fo = FileOptions::new().read_only(opts.read_only).direct(opts.direct);
+        let fo = FileOptions::new()
+            .read_only(opts.read_only)
+            .direct(opts.direct);
         let storage = FileStorage::open(path, &fo)
             .map_err(Error::io(format!("opening '{}'", path.display())))?;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        Self::open_storage_in_chain(Arc::new(storage), opts, canon.parent(), &[canon.clone()])
+        Self::open_storage_in_chain(Arc::new(storage), opts, canon.parent(), std::slice::from_ref(&canon))
     }
 
     /// Open an image on any storage; `dir` resolves a relative backing file name.
-    pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions, dir: Option<&Path>) -> Result<Image> {
+    pub fn open_storage(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        dir: Option<&Path>,
+    ) -> Result<Image> {
         Self::open_storage_in_chain(storage, opts, dir, &[])
     }
 
@@ -178,7 +184,8 @@ impl Image {
     /// Flush and close, reporting a flush error (dropping an image flushes silently).
     pub fn close(self) -> Result<()> {
         let r = self.close_inner();
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         r
     }
 

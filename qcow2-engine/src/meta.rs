@@ -95,7 +95,13 @@ impl Meta {
 
     /// Write bytes to the host after checking that they do not land on metadata other than
     /// `allowed` (the structure being written).
-    pub(crate) fn write_host(&mut self, buf: &[u8], off: u64, allowed: Option<MetaKind>, what: &str) -> Result<()> {
+    pub(crate) fn write_host(
+        &mut self,
+        buf: &[u8],
+        off: u64,
+        allowed: Option<MetaKind>,
+        what: &str,
+    ) -> Result<()> {
         self.check_overlap(off, buf.len() as u64, allowed, what)?;
         self.storage
             .write_at(buf, off)
@@ -103,7 +109,9 @@ impl Meta {
     }
 
     pub(crate) fn sync(&self) -> Result<()> {
-        self.storage.flush().map_err(Error::io("flushing the image file"))
+        self.storage
+            .flush()
+            .map_err(Error::io("flushing the image file"))
     }
 
     // ---- overlap checks ----
@@ -126,7 +134,13 @@ impl Meta {
     }
 
     /// Refuse (and mark the image corrupt) a write that would land on metadata.
-    pub(crate) fn check_overlap(&mut self, start: u64, len: u64, allowed: Option<MetaKind>, what: &str) -> Result<()> {
+    pub(crate) fn check_overlap(
+        &mut self,
+        start: u64,
+        len: u64,
+        allowed: Option<MetaKind>,
+        what: &str,
+    ) -> Result<()> {
         if let Some((s, e, k)) = self.overlapping_meta(start, len) {
             if Some(k) == allowed && s <= start && start + len <= e {
                 return Ok(());
@@ -182,7 +196,13 @@ impl Meta {
     }
 
     /// Insert fresh content (e.g. a new table) as a dirty or clean entry.
-    pub(crate) fn install(&mut self, w: Which, off: u64, data: Box<[u8]>, dirty: bool) -> Result<()> {
+    pub(crate) fn install(
+        &mut self,
+        w: Which,
+        off: u64,
+        data: Box<[u8]>,
+        dirty: bool,
+    ) -> Result<()> {
         if !self.cache(w).contains(off) {
             self.make_room(w)?;
         }
@@ -192,7 +212,9 @@ impl Meta {
 
     fn make_room(&mut self, w: Which) -> Result<()> {
         while self.cache(w).is_full() {
-            let Some((off, dirty)) = self.cache(w).victim() else { break };
+            let Some((off, dirty)) = self.cache(w).victim() else {
+                break;
+            };
             if dirty {
                 // Writing back one entry may require the other cache first.
                 self.prepare_write_back(w)?;
@@ -206,7 +228,11 @@ impl Meta {
     fn write_entry(&mut self, w: Which, off: u64) -> Result<()> {
         let (data, kind, what) = match w {
             Which::L2 => (self.l2_cache.peek(off), MetaKind::ActiveL2, "L2 table"),
-            Which::Refcount => (self.rb_cache.peek(off), MetaKind::RefcountBlock, "refcount block"),
+            Which::Refcount => (
+                self.rb_cache.peek(off),
+                MetaKind::RefcountBlock,
+                "refcount block",
+            ),
         };
         let Some(data) = data else { return Ok(()) };
         let data = data.to_vec();
@@ -321,7 +347,9 @@ impl Meta {
             return Err(Error::ReadOnly("opened read-only".into()));
         }
         if self.corrupt {
-            return Err(corrupt!("an inconsistency was found earlier; writes are refused"));
+            return Err(corrupt!(
+                "an inconsistency was found earlier; writes are refused"
+            ));
         }
         Ok(())
     }

@@ -31,7 +31,9 @@ impl Image {
         dir: Option<&Path>,
         chain: &[PathBuf],
     ) -> Result<Image> {
-        let file_len = storage.len().map_err(Error::io("reading the image length"))?;
+        let file_len = storage
+            .len()
+            .map_err(Error::io("reading the image length"))?;
         let mut first = vec![0u8; 4096];
         storage
             .read_at(&mut first, 0)
@@ -105,7 +107,11 @@ impl Image {
                 .sum();
             ranges.add(h.snapshots_offset, len, MetaKind::SnapshotTable);
             for s in &snapshots {
-                ranges.add(s.l1_table_offset, u64::from(s.l1_size) * 8, MetaKind::SnapshotL1);
+                ranges.add(
+                    s.l1_table_offset,
+                    u64::from(s.l1_size) * 8,
+                    MetaKind::SnapshotL1,
+                );
             }
         }
         if let Some(p) = ranges.problems.first() {
@@ -118,7 +124,9 @@ impl Image {
         let virtual_size = h.size;
         let compression = h.compression()?;
         let backing = match (&area.backing_file, opts.no_backing) {
-            (Some(name), false) => Some(open_backing(name, area.backing_format(), dir, chain, opts)?),
+            (Some(name), false) => {
+                Some(open_backing(name, area.backing_format(), dir, chain, opts)?)
+            }
             _ => None,
         };
         let meta = Meta {
@@ -171,7 +179,9 @@ fn refuse_unsupported(h: &Header, read_only: bool) -> Result<()> {
         )));
     }
     if h.incompatible_features & incompatible::EXTERNAL_DATA_FILE != 0 {
-        return Err(Error::Unsupported("images with an external data file".into()));
+        return Err(Error::Unsupported(
+            "images with an external data file".into(),
+        ));
     }
     if !read_only && h.is_corrupt() {
         return Err(Error::Corrupt(
@@ -187,39 +197,63 @@ fn refuse_unsupported(h: &Header, read_only: bool) -> Result<()> {
     Ok(())
 }
 
-fn read_snapshots(s: &dyn Storage, h: &Header, geo: &Geometry, file_len: u64) -> Result<Vec<SnapshotEntry>> {
+fn read_snapshots(
+    s: &dyn Storage,
+    h: &Header,
+    geo: &Geometry,
+    file_len: u64,
+) -> Result<Vec<SnapshotEntry>> {
     let mut out = Vec::new();
     let mut at = h.snapshots_offset;
     for index in 0..h.nb_snapshots as usize {
         let mut fixed = [0u8; SNAPSHOT_FIXED_LEN];
         if at + SNAPSHOT_FIXED_LEN as u64 > file_len {
-            return Err(corrupt!("snapshot table entry {index} at {at:#x} is past the end of the file"));
+            return Err(corrupt!(
+                "snapshot table entry {index} at {at:#x} is past the end of the file"
+            ));
         }
-        s.read_at(&mut fixed, at).map_err(Error::io("reading the snapshot table"))?;
+        s.read_at(&mut fixed, at)
+            .map_err(Error::io("reading the snapshot table"))?;
         let extra = u64::from(u32::from_be_bytes(fixed[36..40].try_into().expect("4")));
         let id = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
         let name = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
-        let total = (SNAPSHOT_FIXED_LEN as u64 + extra.min(4096) + id + name).div_ceil(8) * 8;
+        // The last entry is not padded in the file; entries start 8-aligned.
+        let total = SNAPSHOT_FIXED_LEN as u64 + extra.min(4096) + id + name;
         if at + total > file_len {
-            return Err(corrupt!("snapshot table entry {index} at {at:#x} is past the end of the file"));
+            return Err(corrupt!(
+                "snapshot table entry {index} at {at:#x} is past the end of the file"
+            ));
         }
         let mut buf = vec![0u8; total as usize];
-        s.read_at(&mut buf, at).map_err(Error::io("reading the snapshot table"))?;
-        let (e, len) = SnapshotEntry::parse(&buf, index, (at - h.snapshots_offset) as usize)?;
+        s.read_at(&mut buf, at)
+            .map_err(Error::io("reading the snapshot table"))?;
+        let (e, _) = SnapshotEntry::parse(&buf, index, (at - h.snapshots_offset) as usize)?;
+        let len = total.div_ceil(8) * 8;
         if e.l1_size as u64 > qcow2_format::geometry::MAX_L1_BYTES / 8 {
-            return Err(corrupt!("snapshot {index}: L1 table too large ({} entries)", e.l1_size));
+            return Err(corrupt!(
+                "snapshot {index}: L1 table too large ({} entries)",
+                e.l1_size
+            ));
         }
         geo.check_table_offset("snapshot L1 table", e.l1_table_offset)?;
         out.push(e);
-        at += len as u64;
+        at += len;
     }
     Ok(out)
 }
 
 /// Cache geometry: (L2 entry size, L2 entries, refcount block entries).
-fn cache_sizes(c: &crate::options::CacheOptions, geo: &Geometry, size: u64) -> Result<(usize, usize, usize)> {
+fn cache_sizes(
+    c: &crate::options::CacheOptions,
+    geo: &Geometry,
+    size: u64,
+) -> Result<(usize, usize, usize)> {
     let cs = geo.cluster_size();
-    let entry = if c.l2_cache_entry_size == 0 { cs } else { c.l2_cache_entry_size };
+    let entry = if c.l2_cache_entry_size == 0 {
+        cs
+    } else {
+        c.l2_cache_entry_size
+    };
     if !entry.is_power_of_two() || entry < 512 || entry > cs {
         return Err(invalid_arg!(
             "l2-cache-entry-size must be a power of two between 512 and the cluster size ({cs})"
@@ -232,8 +266,17 @@ fn cache_sizes(c: &crate::options::CacheOptions, geo: &Geometry, size: u64) -> R
         c.l2_cache_size
     }
     .max(2 * cs);
-    let rb = if c.refcount_cache_size == 0 { l2 / 4 } else { c.refcount_cache_size }.max(4 * cs);
-    Ok((entry as usize, (l2 / entry).max(2) as usize, (rb / cs).max(4) as usize))
+    let rb = if c.refcount_cache_size == 0 {
+        l2 / 4
+    } else {
+        c.refcount_cache_size
+    }
+    .max(4 * cs);
+    Ok((
+        entry as usize,
+        (l2 / entry).max(2) as usize,
+        (rb / cs).max(4) as usize,
+    ))
 }
 
 /// Metadata ranges being collected at open, with overlaps recorded as problems.

@@ -147,7 +147,9 @@ impl CreateOptions {
                     o.compression_type = match v.as_str() {
                         "zlib" => CompressionType::Deflate,
                         "zstd" => CompressionType::Zstd,
-                        _ => return Err(invalid_arg!("compression_type: '{v}' is not zlib or zstd")),
+                        _ => {
+                            return Err(invalid_arg!("compression_type: '{v}' is not zlib or zstd"))
+                        }
                     }
                 }
                 "lazy_refcounts" => o.lazy_refcounts = parse_bool(&k, &v)?,
@@ -257,9 +259,16 @@ mod tests {
         o.validate().unwrap();
         let o = CreateOptions::parse("compat=0.10,refcount_bits=8").unwrap();
         assert!(o.validate().unwrap_err().to_string().contains("refcount"));
-        assert!(CreateOptions::parse("bogus=1").unwrap_err().to_string().contains("bogus"));
+        assert!(CreateOptions::parse("bogus=1")
+            .unwrap_err()
+            .to_string()
+            .contains("bogus"));
         assert!(CreateOptions::parse("novalue").is_err());
         let o = CreateOptions::parse("backing_file=b.qcow2").unwrap();
-        assert!(o.validate().unwrap_err().to_string().contains("backing_fmt"));
+        assert!(o
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("backing_fmt"));
     }
 }

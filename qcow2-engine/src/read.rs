@@ -43,8 +43,12 @@ impl Image {
     /// The source of one piece of a cluster, by its (sub)cluster kind.
     fn src_of(&self, sk: SubclusterKind, kind: ClusterKind, in_cluster: u64) -> Src {
         match (sk, kind) {
-            (SubclusterKind::Normal, ClusterKind::Normal { offset }) => Src::Host(offset + in_cluster),
-            (SubclusterKind::Compressed, ClusterKind::Compressed(d)) => Src::Compressed(d, in_cluster),
+            (SubclusterKind::Normal, ClusterKind::Normal { offset }) => {
+                Src::Host(offset + in_cluster)
+            }
+            (SubclusterKind::Compressed, ClusterKind::Compressed(d)) => {
+                Src::Compressed(d, in_cluster)
+            }
             (SubclusterKind::ZeroAlloc | SubclusterKind::ZeroPlain, _) => Src::Zero,
             _ if self.backing.is_some() => Src::Backing,
             _ => Src::Zero,
@@ -114,7 +118,9 @@ impl Image {
         let mut input = vec![0u8; (end - start) as usize];
         self.storage
             .read_at(&mut input, start)
-            .map_err(Error::io(format!("reading compressed cluster at {start:#x}")))?;
+            .map_err(Error::io(format!(
+                "reading compressed cluster at {start:#x}"
+            )))?;
         let mut out = vec![0u8; cs];
         decompress_cluster(self.compression, &input, &mut out)?;
         Ok(out)

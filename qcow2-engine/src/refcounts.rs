@@ -31,7 +31,10 @@ impl Meta {
     fn set_refcount_raw(&mut self, c: u64, value: u64) -> Result<()> {
         let block = self.refblock_for(c)?;
         if block == 0 {
-            return Err(corrupt!("no refcount block for cluster {:#x}", c * self.cluster_size()));
+            return Err(corrupt!(
+                "no refcount block for cluster {:#x}",
+                c * self.cluster_size()
+            ));
         }
         self.load(Which::Refcount, block)?;
         let idx = (c & (self.geo.refcount_block_entries() - 1)) as usize;
@@ -59,7 +62,10 @@ impl Meta {
                 other => corrupt!("cluster {:#x}: {other}", c * self.cluster_size()),
             })?;
             if delta > 0 && self.refblock_for(c)? == 0 {
-                return Err(corrupt!("no refcount block for cluster {:#x}", c * self.cluster_size()));
+                return Err(corrupt!(
+                    "no refcount block for cluster {:#x}",
+                    c * self.cluster_size()
+                ));
             }
             new.push(v);
         }
@@ -133,13 +139,28 @@ impl Meta {
             ));
         }
         let mut block = vec![0u8; cs as usize].into_boxed_slice();
-        refcount::set(&mut block, (c - range_start) as usize, self.geo.refcount_order(), 1)?;
+        refcount::set(
+            &mut block,
+            (c - range_start) as usize,
+            self.geo.refcount_order(),
+            1,
+        )?;
         self.add_meta(off, cs, MetaKind::RefcountBlock);
-        self.write_host(&block, off, Some(MetaKind::RefcountBlock), "new refcount block")?;
+        self.write_host(
+            &block,
+            off,
+            Some(MetaKind::RefcountBlock),
+            "new refcount block",
+        )?;
         self.sync()?;
         self.reftable[ti as usize] = off;
         let entry_off = self.area.header.refcount_table_offset + ti * 8;
-        self.write_host(&off.to_be_bytes(), entry_off, Some(MetaKind::RefcountTable), "refcount table entry")?;
+        self.write_host(
+            &off.to_be_bytes(),
+            entry_off,
+            Some(MetaKind::RefcountTable),
+            "refcount table entry",
+        )?;
         self.install(Which::Refcount, off, block, false)?;
         self.alloc_end = self.alloc_end.max(off + cs);
         Ok(())
@@ -180,7 +201,9 @@ impl Meta {
         };
         let end = start + clusters + nb;
         if (end >> bbits) >= entries {
-            return Err(Error::TooLarge("refcount table growth does not cover its own area".into()));
+            return Err(Error::TooLarge(
+                "refcount table growth does not cover its own area".into(),
+            ));
         }
         let order = self.geo.refcount_order();
         let mut table = self.reftable.clone();
@@ -202,7 +225,10 @@ impl Meta {
                 self.load(Which::Refcount, block)?;
                 let data = self.rb_cache.get_mut(block).expect("loaded");
                 if refcount::get(data, idx, order) != 0 {
-                    return Err(corrupt!("cluster {:#x} past the end of the image is in use", c << cbits));
+                    return Err(corrupt!(
+                        "cluster {:#x} past the end of the image is in use",
+                        c << cbits
+                    ));
                 }
                 refcount::set(data, idx, order, 1)?;
             }
@@ -217,7 +243,12 @@ impl Meta {
         let table_off = start << cbits;
         self.add_meta(table_off, clusters * cs, MetaKind::RefcountTable);
         let raw = qcow2_format::l1::encode_table(&table);
-        self.write_host(&raw, table_off, Some(MetaKind::RefcountTable), "new refcount table")?;
+        self.write_host(
+            &raw,
+            table_off,
+            Some(MetaKind::RefcountTable),
+            "new refcount table",
+        )?;
         self.sync()?;
         let old_off = self.area.header.refcount_table_offset;
         let old_clusters = u64::from(self.area.header.refcount_table_clusters);
@@ -238,7 +269,10 @@ impl Meta {
 
     /// Storage length rounded up to a cluster.
     pub(crate) fn storage_len_aligned(&self) -> Result<u64> {
-        let len = self.storage.len().map_err(Error::io("reading the image length"))?;
+        let len = self
+            .storage
+            .len()
+            .map_err(Error::io("reading the image length"))?;
         Ok(self.geo.align_up(len))
     }
 }

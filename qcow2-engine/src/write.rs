@@ -11,6 +11,9 @@ use crate::l2map::L2Slot;
 use crate::meta::Meta;
 use crate::read::{pin, Extent, Src};
 
+/// Host writes for one cluster: (host offset, bytes).
+type HostWrites = Vec<(u64, Vec<u8>)>;
+
 /// Clusters handled by one allocating batch at most.
 const MAX_BATCH: usize = 512;
 
@@ -99,7 +102,9 @@ impl Image {
 
     /// Whether a cluster's written range can go straight to its host cluster.
     fn in_place(&self, entry: &L2Entry, kind: ClusterKind, a: u64, b: u64) -> bool {
-        let ClusterKind::Normal { .. } = kind else { return false };
+        let ClusterKind::Normal { .. } = kind else {
+            return false;
+        };
         if !entry.copied() {
             return false;
         }
@@ -128,11 +133,19 @@ impl Image {
             if !self.in_place(&entry, kind, a, b) {
                 break;
             }
-            let ClusterKind::Normal { offset } = kind else { unreachable!() };
+            let ClusterKind::Normal { offset } = kind else {
+                unreachable!()
+            };
             let h = offset + a;
             match exts.last_mut() {
-                Some(Extent { len: l, src: Src::Host(s) }) if *s + *l == h => *l += b - a,
-                _ => exts.push(Extent { len: b - a, src: Src::Host(h) }),
+                Some(Extent {
+                    len: l,
+                    src: Src::Host(s),
+                }) if *s + *l == h => *l += b - a,
+                _ => exts.push(Extent {
+                    len: b - a,
+                    src: Src::Host(h),
+                }),
             }
             done += b - a;
         }
@@ -159,10 +172,23 @@ impl Image {
                 break;
             }
             let reuse = match kind {
-                ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset } if entry.copied() => Some(offset),
+                ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset }
+                    if entry.copied() =>
+                {
+                    Some(offset)
+                }
                 _ => None,
             };
-            plans.push(Plan { cl, a, b, slot, entry, kind, data_at: pos, reuse });
+            plans.push(Plan {
+                cl,
+                a,
+                b,
+                slot,
+                entry,
+                kind,
+                data_at: pos,
+                reuse,
+            });
             pos += (b - a) as usize;
         }
         let need = plans.iter().filter(|p| p.reuse.is_none()).count() as u64;
@@ -170,11 +196,15 @@ impl Image {
             .storage
             .len()
             .map_err(Error::io("reading the image length"))?;
-        let runs = if need > 0 { m.alloc_clusters(need)? } else { Vec::new() };
+        let runs = if need > 0 {
+            m.alloc_clusters(need)?
+        } else {
+            Vec::new()
+        };
         let mut hosts = runs
             .iter()
             .flat_map(|r| (0..r.count).map(move |i| r.off + i * cs));
-        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut writes: HostWrites = Vec::new();
         let mut updates: Vec<(L2Slot, L2Entry)> = Vec::new();
         let result = (|| -> Result<()> {
             for p in &plans {
@@ -208,7 +238,9 @@ impl Image {
                 continue;
             }
             match p.kind {
-                ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset } => m.free_clusters(offset, 1)?,
+                ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset } => {
+                    m.free_clusters(offset, 1)?
+                }
                 ClusterKind::Compressed(d) => {
                     for h in d.host_clusters(&geo) {
                         m.free_clusters(h, 1)?;
@@ -229,7 +261,7 @@ impl Image {
         host: u64,
         zero_host: bool,
         data: &[u8],
-    ) -> Result<(Vec<(u64, Vec<u8>)>, L2Entry)> {
+    ) -> Result<(HostWrites, L2Entry)> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let full = p.a == 0 && p.b == cs;
@@ -262,9 +294,17 @@ impl Image {
         let old_bitmap = if fresh { 0 } else { p.entry.bitmap };
         let mut bm = old_bitmap;
         // Untouched subclusters of a replaced cluster keep their meaning.
-        let (copy_start, copy_end) = if fresh { (0, cs) } else { (touched_start, touched_end) };
+        let (copy_start, copy_end) = if fresh {
+            (0, cs)
+        } else {
+            (touched_start, touched_end)
+        };
         if !(old_is_zero && zero_host && fresh) || p.a != touched_start || p.b != touched_end {
-            self.read_locked(m, &mut content[copy_start as usize..copy_end as usize], p.cl + copy_start)?;
+            self.read_locked(
+                m,
+                &mut content[copy_start as usize..copy_end as usize],
+                p.cl + copy_start,
+            )?;
         }
         content[p.a as usize..p.b as usize].copy_from_slice(data);
         if fresh {
@@ -273,8 +313,12 @@ impl Image {
                     continue;
                 }
                 match p.entry.subcluster_kind(p.kind, &geo, i) {
-                    SubclusterKind::Normal | SubclusterKind::Compressed => bm |= bitmap::alloc_range(i, 1),
-                    SubclusterKind::ZeroAlloc | SubclusterKind::ZeroPlain => bm |= bitmap::zero_range(i, 1),
+                    SubclusterKind::Normal | SubclusterKind::Compressed => {
+                        bm |= bitmap::alloc_range(i, 1)
+                    }
+                    SubclusterKind::ZeroAlloc | SubclusterKind::ZeroPlain => {
+                        bm |= bitmap::zero_range(i, 1)
+                    }
                     _ => {}
                 }
             }
@@ -286,13 +330,23 @@ impl Image {
         if fresh {
             // Write every allocated subcluster (the whole span keeps it one request).
             let lo = (0..32u32).find(|&i| bm & (1 << i) != 0).unwrap_or(first) as u64 * sc;
-            let hi = (0..32u32).rev().find(|&i| bm & (1 << i) != 0).map_or(last, |i| i + 1) as u64 * sc;
+            let hi = (0..32u32)
+                .rev()
+                .find(|&i| bm & (1 << i) != 0)
+                .map_or(last, |i| i + 1) as u64
+                * sc;
             out.push((host + lo, content[lo as usize..hi as usize].to_vec()));
-            if bm & BITMAP_ALL_ALLOC != bitmap::alloc_range(first, last - first) || p.a != lo || p.b != hi {
+            if bm & BITMAP_ALL_ALLOC != bitmap::alloc_range(first, last - first)
+                || p.a != lo
+                || p.b != hi
+            {
                 m.l2_needs_sync = true;
             }
         } else {
-            out.push((host + touched_start, content[touched_start as usize..touched_end as usize].to_vec()));
+            out.push((
+                host + touched_start,
+                content[touched_start as usize..touched_end as usize].to_vec(),
+            ));
             if p.a != touched_start || p.b != touched_end {
                 m.l2_needs_sync = true;
             }
@@ -302,8 +356,8 @@ impl Image {
 }
 
 /// Merge host-contiguous writes into single requests.
-fn merge(writes: impl Iterator<Item = (u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
-    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+fn merge(writes: impl Iterator<Item = (u64, Vec<u8>)>) -> HostWrites {
+    let mut out: HostWrites = Vec::new();
     for (h, buf) in writes {
         if let Some((lh, lbuf)) = out.last_mut() {
             if *lh + lbuf.len() as u64 == h {

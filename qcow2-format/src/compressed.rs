@@ -50,8 +50,15 @@ impl CompressedDescriptor {
                 reason: "empty compressed data".into(),
             });
         }
+        // `offset + len - 1` overflows for hostile inputs; such data cannot be encoded.
+        let last_byte = offset
+            .checked_add(len - 1)
+            .ok_or_else(|| FormatError::Unencodable {
+                what: "compressed descriptor",
+                reason: format!("{len} bytes at {offset:#x} run past the end of the address space"),
+            })?;
         let first = offset / COMPRESSED_SECTOR_SIZE;
-        let last = (offset + len - 1) / COMPRESSED_SECTOR_SIZE;
+        let last = last_byte / COMPRESSED_SECTOR_SIZE;
         let d = CompressedDescriptor {
             offset,
             sectors: last - first + 1,
@@ -73,7 +80,11 @@ impl CompressedDescriptor {
         if self.sectors == 0 || self.sectors - 1 > mask {
             return Err(FormatError::Unencodable {
                 what: "compressed descriptor",
-                reason: format!("{} sectors exceed the field ({} max)", self.sectors, mask + 1),
+                reason: format!(
+                    "{} sectors exceed the field ({} max)",
+                    self.sectors,
+                    mask + 1
+                ),
             });
         }
         Ok(OFLAG_COMPRESSED | ((self.sectors - 1) << s) | self.offset)
@@ -97,7 +108,11 @@ mod tests {
     fn round_trip_every_cluster_size() {
         for bits in 9..=21 {
             let g = Geometry::new(bits, false, 4).unwrap();
-            for (off, len) in [(0x50000u64, 1u64), (0x50123, 700), (0x7_ffff_fe00, 1 << bits)] {
+            for (off, len) in [
+                (0x50000u64, 1u64),
+                (0x50123, 700),
+                (0x7_ffff_fe00, 1 << bits),
+            ] {
                 let d = CompressedDescriptor::for_data(off, len, &g).unwrap();
                 let e = d.encode(&g).unwrap();
                 assert_eq!(e >> 62, 1, "bits {bits}");
@@ -113,7 +128,10 @@ mod tests {
     fn straddling_data_touches_two_host_clusters() {
         let g = Geometry::new(16, false, 4).unwrap();
         let d = CompressedDescriptor::for_data(0x5ff00, 0x200, &g).unwrap();
-        assert_eq!(d.host_clusters(&g).collect::<Vec<_>>(), vec![0x50000, 0x60000]);
+        assert_eq!(
+            d.host_clusters(&g).collect::<Vec<_>>(),
+            vec![0x50000, 0x60000]
+        );
     }
 
     #[test]
@@ -122,5 +140,17 @@ mod tests {
         // 512-byte clusters: 1 size bit, so at most 2 sectors.
         assert!(CompressedDescriptor::for_data(0, 1025, &g).is_err());
         assert!(CompressedDescriptor::for_data(1 << 61, 1, &g).is_err());
+    }
+
+    #[test]
+    fn for_data_near_u64_max_is_an_error_not_an_overflow() {
+        // Found by the l2_refcount fuzz target: `offset + len - 1` overflowed.
+        let g = Geometry::new(16, false, 4).unwrap();
+        for (off, len) in [(u64::MAX, 2), (u64::MAX - 10, 100), (u64::MAX, 1)] {
+            assert!(matches!(
+                CompressedDescriptor::for_data(off, len, &g),
+                Err(FormatError::Unencodable { .. })
+            ));
+        }
     }
 }

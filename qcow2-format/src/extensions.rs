@@ -16,6 +16,10 @@ pub const EXT_CRYPTO: u32 = 0x0537_be77;
 /// Extension magic: external data file name ("DATA").
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
+/// Longest backing format name QEMU accepts (`bs->backing_format` is `char[16]`, NUL
+/// included): a longer backing format extension makes QEMU refuse the image.
+pub const MAX_BACKING_FORMAT_LEN: usize = 15;
+
 /// Length of one feature name table entry.
 pub const FEATURE_NAME_ENTRY_LEN: usize = 48;
 
@@ -115,7 +119,15 @@ impl HeaderExtension {
     fn decode(magic: u32, data: &[u8], at: usize) -> Result<HeaderExtension> {
         let bad = |reason: String| FormatError::BadExtension { magic, at, reason };
         Ok(match magic {
-            EXT_BACKING_FORMAT => HeaderExtension::BackingFormat(data.to_vec()),
+            EXT_BACKING_FORMAT => {
+                if data.len() > MAX_BACKING_FORMAT_LEN {
+                    return Err(bad(format!(
+                        "backing format name length {} exceeds {MAX_BACKING_FORMAT_LEN}",
+                        data.len()
+                    )));
+                }
+                HeaderExtension::BackingFormat(data.to_vec())
+            }
             EXT_DATA_FILE => HeaderExtension::DataFile(data.to_vec()),
             EXT_FEATURE_NAMES => {
                 if data.len() % FEATURE_NAME_ENTRY_LEN != 0 {
@@ -140,7 +152,10 @@ impl HeaderExtension {
             }
             EXT_BITMAPS => {
                 if data.len() != 24 {
-                    return Err(bad(format!("bitmaps extension length {} (expected 24)", data.len())));
+                    return Err(bad(format!(
+                        "bitmaps extension length {} (expected 24)",
+                        data.len()
+                    )));
                 }
                 if be32(data, 4) != 0 {
                     return Err(bad("bitmaps extension reserved field is not zero".into()));
@@ -153,7 +168,10 @@ impl HeaderExtension {
             }
             EXT_CRYPTO => {
                 if data.len() != 16 {
-                    return Err(bad(format!("crypto extension length {} (expected 16)", data.len())));
+                    return Err(bad(format!(
+                        "crypto extension length {} (expected 16)",
+                        data.len()
+                    )));
                 }
                 HeaderExtension::Crypto {
                     offset: be64(data, 0),
@@ -189,7 +207,8 @@ pub fn parse_extensions(buf: &[u8], start: usize, end: usize) -> Result<Vec<Head
             });
         }
         let ext = HeaderExtension::decode(magic, &buf[data_at..data_at + len], at)?;
-        if !matches!(ext, HeaderExtension::Unknown { .. }) && out.iter().any(|e| e.magic() == magic) {
+        if !matches!(ext, HeaderExtension::Unknown { .. }) && out.iter().any(|e| e.magic() == magic)
+        {
             return Err(FormatError::BadExtension {
                 magic,
                 at,
@@ -226,17 +245,31 @@ mod tests {
         vec![
             HeaderExtension::BackingFormat(b"qcow2".to_vec()),
             HeaderExtension::FeatureNames(vec![
-                FeatureName { kind: 0, bit: 0, name: b"dirty bit".to_vec() },
-                FeatureName { kind: 1, bit: 0, name: b"lazy refcounts".to_vec() },
+                FeatureName {
+                    kind: 0,
+                    bit: 0,
+                    name: b"dirty bit".to_vec(),
+                },
+                FeatureName {
+                    kind: 1,
+                    bit: 0,
+                    name: b"lazy refcounts".to_vec(),
+                },
             ]),
             HeaderExtension::Bitmaps(BitmapsExt {
                 nb_bitmaps: 1,
                 directory_size: 40,
                 directory_offset: 0x50000,
             }),
-            HeaderExtension::Crypto { offset: 0x10000, length: 0x1000 },
+            HeaderExtension::Crypto {
+                offset: 0x10000,
+                length: 0x1000,
+            },
             HeaderExtension::DataFile(b"data.raw".to_vec()),
-            HeaderExtension::Unknown { magic: 0x1234_5678, data: vec![1, 2, 3] },
+            HeaderExtension::Unknown {
+                magic: 0x1234_5678,
+                data: vec![1, 2, 3],
+            },
         ]
     }
 
@@ -265,11 +298,32 @@ mod tests {
             HeaderExtension::BackingFormat(b"raw".to_vec()),
             HeaderExtension::BackingFormat(b"qcow2".to_vec()),
         ]);
-        assert!(parse_extensions(&b, 0, b.len()).unwrap_err().to_string().contains("twice"));
-        let b = serialize_extensions(&[HeaderExtension::Unknown { magic: EXT_BITMAPS, data: vec![0; 8] }]);
+        assert!(parse_extensions(&b, 0, b.len())
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let b = serialize_extensions(&[HeaderExtension::Unknown {
+            magic: EXT_BITMAPS,
+            data: vec![0; 8],
+        }]);
         assert!(parse_extensions(&b, 0, b.len()).is_err());
-        let b = serialize_extensions(&[HeaderExtension::Unknown { magic: EXT_FEATURE_NAMES, data: vec![0; 47] }]);
+        let b = serialize_extensions(&[HeaderExtension::Unknown {
+            magic: EXT_FEATURE_NAMES,
+            data: vec![0; 47],
+        }]);
         assert!(parse_extensions(&b, 0, b.len()).is_err());
+    }
+
+    #[test]
+    fn overlong_backing_format_is_refused_like_qemu() {
+        let ok = serialize_extensions(&[HeaderExtension::BackingFormat(vec![b'f'; 15])]);
+        assert_eq!(parse_extensions(&ok, 0, ok.len()).unwrap().len(), 1);
+        let b = serialize_extensions(&[HeaderExtension::BackingFormat(vec![b'f'; 16])]);
+        let e = parse_extensions(&b, 0, b.len()).unwrap_err();
+        assert!(
+            matches!(&e, FormatError::BadExtension { magic: EXT_BACKING_FORMAT, at: 0, reason } if reason.contains("exceeds 15")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -209,7 +209,10 @@ impl Header {
             return Err(invalid(
                 "l1_size",
                 self.l1_size.into(),
-                format!("at least {needed} entries to map size {} (L1 table is too small)", self.size),
+                format!(
+                    "at least {needed} entries to map size {} (L1 table is too small)",
+                    self.size
+                ),
             ));
         }
         if self.l1_size > 0 {
@@ -246,7 +249,9 @@ impl Header {
         if self.backing_file_offset != 0 {
             let room = cs.saturating_sub(self.backing_file_offset);
             let max = room.min(MAX_BACKING_NAME);
-            if self.backing_file_offset >= cs || u64::from(self.backing_file_size) > max {
+            // QEMU refuses only `backing_file_offset > cluster_size`: an empty name may sit
+            // exactly at the end of cluster 0 (and `HeaderArea::to_bytes` can put it there).
+            if self.backing_file_offset > cs || u64::from(self.backing_file_size) > max {
                 return Err(FormatError::LimitExceeded {
                     field: "backing_file_size",
                     value: self.backing_file_size.into(),
@@ -274,7 +279,11 @@ impl Header {
                 1,
                 "zlib unless the compression type feature bit is set",
             )),
-            (t, _) => Err(invalid("compression_type", t.into(), "0 (zlib) or 1 (zstd)")),
+            (t, _) => Err(invalid(
+                "compression_type",
+                t.into(),
+                "0 (zlib) or 1 (zstd)",
+            )),
         }
     }
 
@@ -438,7 +447,10 @@ mod tests {
             let mut b = good.clone();
             b[at..at + bytes.len()].copy_from_slice(&bytes);
             let err = Header::parse(&b).unwrap_err().to_string();
-            assert!(err.contains(want), "patch at {at}: got {err:?}, want {want:?}");
+            assert!(
+                err.contains(want),
+                "patch at {at}: got {err:?}, want {want:?}"
+            );
         }
     }
 
@@ -455,11 +467,18 @@ mod tests {
         let mut h = sample_v3();
         h.backing_file_offset = 0x200;
         h.backing_file_size = 1024;
-        assert!(Header::parse(&h.to_bytes()).unwrap_err().to_string().contains("backing"));
+        assert!(Header::parse(&h.to_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("backing"));
         h.backing_file_size = 1023;
         Header::parse(&h.to_bytes()).unwrap();
         h.backing_file_offset = 65536;
         h.backing_file_size = 1;
+        assert!(Header::parse(&h.to_bytes()).is_err());
+        h.backing_file_size = 0;
+        Header::parse(&h.to_bytes()).unwrap();
+        h.backing_file_offset = 65537;
         assert!(Header::parse(&h.to_bytes()).is_err());
     }
 }

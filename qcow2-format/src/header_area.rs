@@ -139,7 +139,11 @@ mod tests {
             header: header(),
             extensions: vec![
                 HeaderExtension::BackingFormat(b"qcow2".to_vec()),
-                HeaderExtension::FeatureNames(vec![FeatureName { kind: 0, bit: 0, name: b"dirty bit".to_vec() }]),
+                HeaderExtension::FeatureNames(vec![FeatureName {
+                    kind: 0,
+                    bit: 0,
+                    name: b"dirty bit".to_vec(),
+                }]),
             ],
             backing_file: Some(b"base.qcow2".to_vec()),
         };
@@ -155,10 +159,38 @@ mod tests {
     fn does_not_fit_in_small_cluster() {
         let area = HeaderArea {
             header: header(),
-            extensions: vec![HeaderExtension::Unknown { magic: 7, data: vec![0; 400] }],
+            extensions: vec![HeaderExtension::Unknown {
+                magic: 7,
+                data: vec![0; 400],
+            }],
             backing_file: Some(vec![b'x'; 100]),
         };
-        assert!(area.to_bytes().unwrap_err().to_string().contains("do not fit"));
+        assert!(area
+            .to_bytes()
+            .unwrap_err()
+            .to_string()
+            .contains("do not fit"));
+    }
+
+    #[test]
+    fn empty_backing_name_at_the_end_of_the_cluster_round_trips() {
+        // Header (112) + one extension (8 + 384) + end marker (8) fill a 512-byte cluster:
+        // an empty backing name then sits at offset 512 == cluster size, which QEMU accepts
+        // (it only refuses `backing_file_offset > cluster_size`).
+        let area = HeaderArea {
+            header: header(),
+            extensions: vec![HeaderExtension::Unknown {
+                magic: 7,
+                data: vec![0xab; 384],
+            }],
+            backing_file: Some(Vec::new()),
+        };
+        let bytes = area.to_bytes().unwrap();
+        assert_eq!(bytes.len(), 512);
+        let back = HeaderArea::parse(&bytes).unwrap();
+        assert_eq!(back.header.backing_file_offset, 512);
+        assert_eq!(back.backing_file.as_deref(), Some(&b""[..]));
+        assert_eq!(back.to_bytes().unwrap(), bytes);
     }
 
     #[test]
@@ -167,6 +199,9 @@ mod tests {
         h.backing_file_offset = 400;
         h.backing_file_size = 100;
         let b = h.to_bytes();
-        assert!(HeaderArea::parse(&b).unwrap_err().to_string().contains("backing file name"));
+        assert!(HeaderArea::parse(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("backing file name"));
     }
 }

@@ -80,7 +80,11 @@ mod tests {
         assert_eq!(e.l2_offset(), 0x50000);
         assert!(e.copied());
         e.validate(&g).unwrap();
-        assert!(L1Entry(0x50200).validate(&g).unwrap_err().to_string().contains("aligned"));
+        assert!(L1Entry(0x50200)
+            .validate(&g)
+            .unwrap_err()
+            .to_string()
+            .contains("aligned"));
         assert!(L1Entry(0x0100_0000_0005_0000).validate(&g).is_err());
         assert!(L1Entry(0).is_unallocated());
     }

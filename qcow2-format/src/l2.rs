@@ -106,7 +106,9 @@ impl L2Entry {
                     reason: "compressed clusters must have an empty bitmap",
                 });
             }
-            return Ok(ClusterKind::Compressed(CompressedDescriptor::decode(self.word, geo)));
+            return Ok(ClusterKind::Compressed(CompressedDescriptor::decode(
+                self.word, geo,
+            )));
         }
         let reserved = if geo.extended_l2() {
             L2E_RESERVED_MASK_EXTENDED
@@ -273,7 +275,10 @@ mod tests {
     #[test]
     fn five_kinds_standard() {
         let g = std_geo();
-        assert_eq!(L2Entry::new(0, 0).kind(&g).unwrap(), ClusterKind::Unallocated);
+        assert_eq!(
+            L2Entry::new(0, 0).kind(&g).unwrap(),
+            ClusterKind::Unallocated
+        );
         assert_eq!(L2Entry::new(1, 0).kind(&g).unwrap(), ClusterKind::ZeroPlain);
         assert_eq!(
             L2Entry::new(0x8000_0000_0005_0001, 0).kind(&g).unwrap(),
@@ -295,8 +300,14 @@ mod tests {
         let g = std_geo();
         assert!(L2Entry::new(0x8000_0000_0005_0002, 0).kind(&g).is_err());
         assert!(L2Entry::new(0x0100_0000_0005_0000, 0).kind(&g).is_err());
-        assert!(L2Entry::new(0x8000_0000_0005_0200, 0).kind(&g).unwrap_err().to_string().contains("aligned"));
-        assert!(L2Entry::new(OFLAG_COMPRESSED | OFLAG_COPIED, 0).kind(&g).is_err());
+        assert!(L2Entry::new(0x8000_0000_0005_0200, 0)
+            .kind(&g)
+            .unwrap_err()
+            .to_string()
+            .contains("aligned"));
+        assert!(L2Entry::new(OFLAG_COMPRESSED | OFLAG_COPIED, 0)
+            .kind(&g)
+            .is_err());
     }
 
     #[test]
@@ -309,7 +320,10 @@ mod tests {
         assert_eq!(e.subcluster_kind(k, &g, 2), SubclusterKind::ZeroAlloc);
         let e = L2Entry::new(0x8000_0000_0005_0000, 1);
         let k = e.kind(&g).unwrap();
-        assert_eq!(e.subcluster_kind(k, &g, 1), SubclusterKind::UnallocatedAlloc);
+        assert_eq!(
+            e.subcluster_kind(k, &g, 1),
+            SubclusterKind::UnallocatedAlloc
+        );
         let e = L2Entry::new(0, BITMAP_ALL_ZEROES);
         let k = e.kind(&g).unwrap();
         assert_eq!(k, ClusterKind::Unallocated);

@@ -43,7 +43,9 @@ pub fn get(block: &[u8], index: usize, order: u32) -> u64 {
         4 => u64::from(u16::from_be_bytes([block[index * 2], block[index * 2 + 1]])),
         5 => {
             let at = index * 4;
-            u64::from(u32::from_be_bytes(block[at..at + 4].try_into().expect("4 bytes")))
+            u64::from(u32::from_be_bytes(
+                block[at..at + 4].try_into().expect("4 bytes"),
+            ))
         }
         _ => {
             let at = index * 8;
@@ -87,9 +89,15 @@ pub fn checked_add(current: u64, delta: i64, max: u64, bits: u32) -> Result<u64>
         None if delta < 0 => Err(FormatError::InvalidField {
             field: "refcount",
             value: current,
-            expected: format!("at least {} to decrement (refcount underflow)", delta.unsigned_abs()),
+            expected: format!(
+                "at least {} to decrement (refcount underflow)",
+                delta.unsigned_abs()
+            ),
         }),
-        None => Err(FormatError::RefcountOverflow { value: u64::MAX, bits }),
+        None => Err(FormatError::RefcountOverflow {
+            value: u64::MAX,
+            bits,
+        }),
     }
 }
 
@@ -144,9 +152,18 @@ mod tests {
 
     #[test]
     fn checked_add_bounds() {
-        assert_eq!(checked_add(1, 1, 1, 1).unwrap_err(), FormatError::RefcountOverflow { value: 2, bits: 1 });
-        assert!(checked_add(0, -1, 65535, 16).unwrap_err().to_string().contains("underflow"));
-        assert_eq!(checked_add(u64::MAX - 1, 1, u64::MAX, 64).unwrap(), u64::MAX);
+        assert_eq!(
+            checked_add(1, 1, 1, 1).unwrap_err(),
+            FormatError::RefcountOverflow { value: 2, bits: 1 }
+        );
+        assert!(checked_add(0, -1, 65535, 16)
+            .unwrap_err()
+            .to_string()
+            .contains("underflow"));
+        assert_eq!(
+            checked_add(u64::MAX - 1, 1, u64::MAX, 64).unwrap(),
+            u64::MAX
+        );
         assert!(checked_add(u64::MAX, 1, u64::MAX, 64).is_err());
         assert_eq!(checked_add(5, -2, 65535, 16).unwrap(), 3);
     }
@@ -156,6 +173,9 @@ mod tests {
         let g = Geometry::new(16, false, 4).unwrap();
         assert_eq!(reftable_entry(0x20000, &g).unwrap(), 0x20000);
         assert!(reftable_entry(0x20001, &g).is_err());
-        assert!(reftable_entry(0x20200, &g).unwrap_err().to_string().contains("aligned"));
+        assert!(reftable_entry(0x20200, &g)
+            .unwrap_err()
+            .to_string()
+            .contains("aligned"));
     }
 }

@@ -52,7 +52,10 @@ impl SnapshotEntry {
         let extra_len = extra_len as usize;
         let total = SNAPSHOT_FIXED_LEN + extra_len + id_len + name_len;
         if buf.len() < total {
-            return Err(bad(format!("entry needs {total} bytes, table has {}", buf.len())));
+            return Err(bad(format!(
+                "entry needs {total} bytes, table has {}",
+                buf.len()
+            )));
         }
         let extra = &buf[SNAPSHOT_FIXED_LEN..SNAPSHOT_FIXED_LEN + extra_len];
         let field = |i: usize| (extra.len() >= (i + 1) * 8).then(|| be64(extra, i * 8));
@@ -78,7 +81,11 @@ impl SnapshotEntry {
         let mut v = Vec::new();
         let known = [self.vm_state_size_large, self.disk_size, self.icount];
         let last = known.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
-        let last = if self.extra_unknown.is_empty() { last } else { 3 };
+        let last = if self.extra_unknown.is_empty() {
+            last
+        } else {
+            3
+        };
         for f in &known[..last] {
             v.extend_from_slice(&f.unwrap_or(0).to_be_bytes());
         }
@@ -89,7 +96,10 @@ impl SnapshotEntry {
     /// Serialize, padded to 8 bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let extra = self.extra_bytes();
-        if extra.len() as u64 > MAX_SNAPSHOT_EXTRA_DATA || self.id.len() > 0xffff || self.name.len() > 0xffff {
+        if extra.len() as u64 > MAX_SNAPSHOT_EXTRA_DATA
+            || self.id.len() > 0xffff
+            || self.name.len() > 0xffff
+        {
             return Err(FormatError::Unencodable {
                 what: "snapshot entry",
                 reason: "extra data, id or name too long".into(),
@@ -174,6 +184,9 @@ mod tests {
         assert!(parse_snapshot_table(&b, 2).is_err());
         let mut h = b.clone();
         h[36..40].copy_from_slice(&5000u32.to_be_bytes());
-        assert!(parse_snapshot_table(&h, 1).unwrap_err().to_string().contains("EXTRA"));
+        assert!(parse_snapshot_table(&h, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("EXTRA"));
     }
 }

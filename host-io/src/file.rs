@@ -1,0 +1,380 @@
+//! `FileStorage`: the backend for regular files and block devices, its open options, and
+//! the `Storage` impl. Reads/writes live in `file_io.rs`, discard/zeroing in `file_zero.rs`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use crate::blockdev::{queue_limits, QueueLimits};
+use crate::error::{errno, with_context};
+use crate::probe::Probe;
+use crate::storage::{Capabilities, DiscardOutcome, Storage, ZeroMethod, ZeroMode};
+use crate::sys;
+
+/// How to open a [`FileStorage`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Open read-only; every mutation then fails with `EROFS`.
+    pub read_only: bool,
+    /// Open with `O_DIRECT` (bypass the page cache). Any offset/length still works: unaligned
+    /// requests are bounced through an [`AlignedBuf`](crate::AlignedBuf).
+    pub direct: bool,
+    /// Create the file if it does not exist (new images).
+    pub create: bool,
+    /// Truncate an existing regular file to zero length (new images).
+    pub truncate: bool,
+    /// Primitives to treat as unsupported from the start (e.g. to force a fallback path or
+    /// to honour a "no discard" setting).
+    pub disabled: Vec<Primitive>,
+}
+
+impl FileOptions {
+    /// Options for opening an existing image read-write, buffered.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Options for creating (or truncating) a new image read-write.
+    pub fn create_new() -> Self {
+        Self {
+            create: true,
+            truncate: true,
+            ..Self::default()
+        }
+    }
+
+    /// Set `read_only`.
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = yes;
+        self
+    }
+
+    /// Set `direct`.
+    pub fn direct(mut self, yes: bool) -> Self {
+        self.direct = yes;
+        self
+    }
+
+    /// Add a primitive to `disabled`.
+    pub fn disable(mut self, p: Primitive) -> Self {
+        self.disabled.push(p);
+        self
+    }
+}
+
+/// A host primitive whose availability is probed and remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Primitive {
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` on a regular file.
+    PunchHole,
+    /// `fallocate(ZERO_RANGE)` on a regular file.
+    ZeroRange,
+    /// `fallocate(FALLOC_FL_WRITE_ZEROES)` on a regular file (Linux 6.17+).
+    WriteZeroesFlag,
+    /// `fallocate(0)` on a regular file.
+    Fallocate,
+    /// `ioctl(BLKDISCARD)` on a block device.
+    BlkDiscard,
+    /// `ioctl(BLKZEROOUT)` on a block device.
+    BlkZeroOut,
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` on a block device (unmapping zeroout).
+    BlkUnmapZero,
+}
+
+/// Sticky availability of every primitive.
+#[derive(Debug, Default)]
+pub(crate) struct Probes {
+    pub(crate) punch: Probe,
+    pub(crate) zero_range: Probe,
+    pub(crate) write_zeroes_flag: Probe,
+    pub(crate) fallocate: Probe,
+    pub(crate) blk_discard: Probe,
+    pub(crate) blk_zeroout: Probe,
+    pub(crate) blk_unmap_zero: Probe,
+}
+
+impl Probes {
+    pub(crate) fn get(&self, p: Primitive) -> &Probe {
+        match p {
+            Primitive::PunchHole => &self.punch,
+            Primitive::ZeroRange => &self.zero_range,
+            Primitive::WriteZeroesFlag => &self.write_zeroes_flag,
+            Primitive::Fallocate => &self.fallocate,
+            Primitive::BlkDiscard => &self.blk_discard,
+            Primitive::BlkZeroOut => &self.blk_zeroout,
+            Primitive::BlkUnmapZero => &self.blk_unmap_zero,
+        }
+    }
+}
+
+/// A regular file or block device under an image.
+///
+/// Positioned I/O only (no shared file position), so it is `Sync` and disjoint writes may run
+/// concurrently. In direct mode, unaligned writes do a read-modify-write of their edge
+/// blocks under an internal exclusive lock; aligned writes take it shared.
+#[derive(Debug)]
+pub struct FileStorage {
+    pub(crate) file: File,
+    path: PathBuf,
+    pub(crate) block_device: bool,
+    pub(crate) read_only: bool,
+    pub(crate) direct: bool,
+    /// Alignment of offsets, lengths and buffers for I/O: 1 when buffered.
+    pub(crate) align: u64,
+    /// Logical block size of a block device (512 for files).
+    pub(crate) logical_block_size: u32,
+    /// Filesystem block size of a regular file (`st_blksize`).
+    fs_block_size: u32,
+    pub(crate) queue: QueueLimits,
+    pub(crate) probes: Probes,
+    /// Serialises direct-mode read-modify-write against other writes and length changes.
+    pub(crate) rmw: RwLock<()>,
+}
+
+impl FileStorage {
+    /// Open `path` (a regular file or a block device). Errors name the path and keep the
+    /// errno (see [`raw_os_error_of`](crate::raw_os_error_of)).
+    pub fn open(path: impl AsRef<Path>, opts: &FileOptions) -> io::Result<Self> {
+        let path = path.as_ref();
+        Self::open_inner(path, opts)
+            .map_err(|e| with_context(e, format!("open {}", path.display())))
+    }
+
+    fn open_inner(path: &Path, opts: &FileOptions) -> io::Result<Self> {
+        if opts.read_only && (opts.create || opts.truncate) {
+            return Err(errno(libc::EINVAL));
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true)
+            .write(!opts.read_only)
+            .create(opts.create)
+            .truncate(opts.truncate);
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path)?;
+        let meta = file.metadata()?;
+        let ft = meta.file_type();
+        let block_device = ft.is_block_device();
+        if !block_device && !ft.is_file() {
+            return Err(errno(libc::EINVAL));
+        }
+        let (logical_block_size, queue) = if block_device {
+            let lbs = sys::blk_sszget(&file)?;
+            // Read the size once at open: fails early on a device that cannot report it.
+            sys::blk_getsize64(&file)?;
+            (lbs, queue_limits(meta.rdev()))
+        } else {
+            (512, QueueLimits::default())
+        };
+        let fs_block_size = u32::try_from(meta.blksize())
+            .ok()
+            .filter(|b| b.is_power_of_two() && (512..=(1 << 20)).contains(b))
+            .unwrap_or(4096);
+        let align = match (opts.direct, block_device) {
+            (false, _) => 1,
+            (true, true) => u64::from(logical_block_size.max(512)),
+            // The filesystem block size satisfies every filesystem's O_DIRECT rules.
+            (true, false) => u64::from(fs_block_size),
+        };
+        if !align.is_power_of_two() {
+            return Err(errno(libc::EINVAL));
+        }
+        let s = Self {
+            file,
+            path: path.to_path_buf(),
+            block_device,
+            read_only: opts.read_only,
+            direct: opts.direct,
+            align,
+            logical_block_size,
+            fs_block_size,
+            queue,
+            probes: Probes::default(),
+            rmw: RwLock::new(()),
+        };
+        for p in &opts.disabled {
+            s.disable_primitive(*p);
+        }
+        Ok(s)
+    }
+
+    /// The path this storage was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file (for `fstat` and the like; do not change its length behind the
+    /// storage's back in direct mode).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether this is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// Whether it was opened with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Treat `p` as unsupported from now on (sticky, like a probe that failed).
+    pub fn disable_primitive(&self, p: Primitive) {
+        self.probes.get(p).disable();
+    }
+
+    /// Whether `p` may still be tried (not disabled and not probed unsupported).
+    pub fn primitive_usable(&self, p: Primitive) -> bool {
+        self.probes.get(p).usable()
+    }
+
+    /// Whether `p` has succeeded at least once on this storage.
+    pub fn primitive_known_working(&self, p: Primitive) -> bool {
+        self.probes.get(p).known_working()
+    }
+
+    /// The first offset `>= offset` holding data (`SEEK_DATA`), or `None` if there is no data
+    /// after `offset`. Filesystems without hole tracking report everything as data.
+    pub fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        sys::seek_data_or_hole(&self.file, offset, true)
+    }
+
+    /// The first offset `>= offset` inside a hole (`SEEK_HOLE`; end of file counts as a
+    /// hole), or `None` if `offset` is at or past the end.
+    pub fn next_hole(&self, offset: u64) -> io::Result<Option<u64>> {
+        sys::seek_data_or_hole(&self.file, offset, false)
+    }
+
+    /// Map the whole file read-only, e.g. to scan metadata without copies.
+    ///
+    /// # Safety
+    /// While the returned map is alive, nobody (this storage via `set_len`, another handle,
+    /// another process) may truncate the file: touching a page past the new end raises
+    /// `SIGBUS`. Writes through this storage are visible in the map, so do not hold slices of
+    /// it across writes to the same range if you need stable bytes.
+    pub unsafe fn map_readonly(&self) -> io::Result<memmap2::Mmap> {
+        // SAFETY: the caller upholds the no-truncation contract documented above.
+        unsafe { sys::map_readonly(&self.file) }
+            .map_err(|e| with_context(e, format!("mmap {}", self.path.display())))
+    }
+
+    /// Refuse a mutation on a read-only storage.
+    pub(crate) fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(errno(libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Current length without taking the direct-mode lock.
+    pub(crate) fn raw_len(&self) -> io::Result<u64> {
+        if self.block_device {
+            sys::blk_getsize64(&self.file)
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    /// `ftruncate` a regular file, holding the direct-mode lock exclusively.
+    pub(crate) fn truncate_locked(&self, len: u64) -> io::Result<()> {
+        let _guard = self.rmw.write().unwrap_or_else(|e| e.into_inner());
+        self.file.set_len(len)
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.do_read(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.do_write(buf, offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
+        self.do_read_vectored(bufs, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.do_write_vectored(bufs, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        let _guard = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+        self.raw_len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        if self.block_device {
+            return if len == self.raw_len()? {
+                Ok(())
+            } else {
+                Err(errno(libc::EOPNOTSUPP))
+            };
+        }
+        crate::error::end_of(len, 0)?;
+        self.truncate_locked(len)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.do_allocate(offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<DiscardOutcome> {
+        self.do_discard(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> io::Result<ZeroMethod> {
+        self.do_write_zeroes(offset, len, mode)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let p = &self.probes;
+        let io_alignment = u32::try_from(self.align).unwrap_or(u32::MAX);
+        if self.block_device {
+            let discard = self.queue.can_discard() && p.blk_discard.usable();
+            let granularity = self
+                .queue
+                .discard_granularity
+                .map(|g| u32::try_from(g).unwrap_or(u32::MAX))
+                .unwrap_or(self.logical_block_size);
+            Capabilities {
+                discard,
+                zero_keep_allocated: p.blk_zeroout.usable(),
+                zero_unmap: self.queue.write_zeroes_max_bytes != Some(0)
+                    && p.blk_unmap_zero.usable(),
+                discard_reads_zero: false,
+                discard_granularity: if discard { granularity } else { 0 },
+                logical_block_size: self.logical_block_size,
+                io_alignment,
+                is_block_device: true,
+                read_only: self.read_only,
+            }
+        } else {
+            let discard = p.punch.usable();
+            Capabilities {
+                discard,
+                zero_keep_allocated: p.write_zeroes_flag.usable()
+                    || p.zero_range.usable()
+                    || (p.punch.usable() && p.fallocate.usable()),
+                zero_unmap: discard,
+                discard_reads_zero: discard,
+                discard_granularity: if discard { self.fs_block_size } else { 0 },
+                logical_block_size: if self.direct { io_alignment } else { 512 },
+                io_alignment,
+                is_block_device: false,
+                read_only: self.read_only,
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Host I/O for libqcowprov: the storage under a qcow2 image, behind one trait.
+//!
+//! # The trait
+//! [`Storage`] is what the engine needs from a file or block device: positioned and
+//! vectored read/write (reads past the end return zeros), `flush` (fdatasync), length,
+//! `set_len`, `allocate` (`fallocate(0)`), advisory [`discard`](Storage::discard), and
+//! [`write_zeroes`](Storage::write_zeroes) with a [`ZeroMode`]: `Unmap` may release the
+//! range, `KeepAllocated` must leave it allocated ("anchor"); no fallback ever turns
+//! `KeepAllocated` into a release. The primitive that did the zeroing is returned as a
+//! [`ZeroMethod`]; [`Capabilities`] says what the backend can do as far as probed.
+//!
+//! # Backends
+//! * [`FileStorage`]: regular files and block devices ([`FileOptions`]: read-only,
+//!   `O_DIRECT`, create/truncate). Files use `fallocate` (`PUNCH_HOLE`, `ZERO_RANGE`,
+//!   `FALLOC_FL_WRITE_ZEROES`, mode 0); devices use `BLKDISCARD`, `BLKZEROOUT`,
+//!   `BLKGETSIZE64`, `BLKSSZGET` and sysfs queue limits. In direct mode any offset/length
+//!   works: unaligned requests are bounced through an [`AlignedBuf`] with read-modify-write
+//!   of edge blocks. [`FileStorage::map_readonly`] gives a `memmap2` view for scanning.
+//! * [`MemStorage`]: sparse in-memory storage tracking allocation per 4 KiB block, with
+//!   configurable capabilities ([`MemOptions`]) to drive the engine down every fallback.
+//! * [`FaultyStorage`]: wraps any storage and injects errno failures ([`Fault`]): fail the
+//!   n-th operation of a kind, fail from the n-th on, `ENOSPC` beyond an offset, short
+//!   writes. Operation counters let a test fail at every position in turn.
+//! * [`CrashStorage`]: records every mutation and flush over an in-memory image and
+//!   rebuilds the image after a crash at any operation under a [`CrashPolicy`].
+//!
+//! `Arc<S>` and `Box<S>` implement [`Storage`] too, so a test can hand the engine one handle
+//! and keep another (e.g. to call [`CrashStorage::crash_image`] afterwards).
+//!
+//! # Probing
+//! Each host primitive is tried when first needed and its availability remembered in an
+//! atomic (sticky, like QEMU's `has_discard`/`has_write_zeroes`): `ENOTSUP`/`EOPNOTSUPP`/
+//! `ENOTTY`/`ENOSYS` disable it for the life of the storage, `EINVAL` only makes that call
+//! fall back, other errors are returned. The fallback chains are documented in
+//! `file_zero.rs`; in short, for `KeepAllocated` on a file:
+//! `FALLOC_FL_WRITE_ZEROES` (range inside the file) → `ZERO_RANGE` → punch + `fallocate(0)`
+//! → zero buffers written in 1 MiB chunks. [`FileOptions::disabled`] and
+//! [`FileStorage::disable_primitive`] force a path.
+//!
+//! # Crash model
+//! A flush is a barrier. The image after a crash before operation `n` holds every
+//! operation issued before the last flush preceding `n`; the unflushed operations before
+//! `n` are all dropped, all kept, a seeded random subset kept, or all kept but the last
+//! write torn at a 512-byte sector boundary ([`CrashPolicy`]). Randomness comes from the
+//! self-contained [`SplitMix64`], so a failing seed reproduces.
+//!
+//! # Errors
+//! I/O paths return `io::Error::from_raw_os_error(errno)` unchanged so the C API can
+//! report errno. Where context (such as a path) is added, it is wrapped in a
+//! [`ContextError`]; [`raw_os_error_of`] finds the errno through the wrapper.
+//!
+//! All `unsafe` code lives in the private `sys` module (thin wrappers over `fallocate`,
+//! block-device ioctls, `lseek`, `preadv`/`pwritev` and `mmap`).
+
+mod aligned_buf;
+mod blockdev;
+mod crash;
+mod error;
+mod faulty;
+mod file;
+mod file_io;
+mod file_zero;
+mod forward;
+mod mem;
+mod op;
+mod prng;
+mod probe;
+mod storage;
+mod sys;
+
+pub use aligned_buf::AlignedBuf;
+pub use crash::{CrashPolicy, CrashStorage, OpRecord, TORN_SECTOR};
+pub use error::{raw_os_error_of, with_context, ContextError};
+pub use faulty::{Fault, FaultyStorage};
+pub use file::{FileOptions, FileStorage, Primitive};
+pub use mem::{MemOptions, MemStorage, DISCARD_FILL, MEM_BLOCK_SIZE};
+pub use op::OpKind;
+pub use prng::SplitMix64;
+pub use storage::{Capabilities, DiscardOutcome, Storage, ZeroMethod, ZeroMode};
