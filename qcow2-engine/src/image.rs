@@ -113,7 +113,12 @@ impl Image {
         let storage = FileStorage::open(path, &fo)
             .map_err(Error::io(format!("opening '{}'", path.display())))?;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        Self::open_storage_in_chain(Arc::new(storage), opts, canon.parent(), std::slice::from_ref(&canon))
+        Self::open_storage_in_chain(
+            Arc::new(storage),
+            opts,
+            canon.parent(),
+            std::slice::from_ref(&canon),
+        )
     }
 
     /// Open an image on any storage; `dir` resolves a relative backing file name.

@@ -92,11 +92,18 @@ impl Meta {
         }
         let new = self.alloc_contiguous(1)?;
         self.add_meta(new, cs as u64, MetaKind::ActiveL2);
-        self.write_back(Which::Refcount)?;
-        self.write_host(&content, new, Some(MetaKind::ActiveL2), "new L2 table")?;
-        self.sync()?;
-        self.l1[i] = L1Entry::new(new, true).0;
-        self.write_l1_entry(i)?;
+        let linked = (|| -> Result<()> {
+            self.write_back(Which::Refcount)?;
+            self.write_host(&content, new, Some(MetaKind::ActiveL2), "new L2 table")?;
+            self.sync()?;
+            self.set_l1_entry(i, L1Entry::new(new, true).0)
+        })();
+        if let Err(e) = linked {
+            // Nothing points at the new table: give its cluster back.
+            self.remove_meta(new);
+            let _ = self.free_clusters(new, 1);
+            return Err(e);
+        }
         let slice = self.l2_cache.entry_size();
         for (k, chunk) in content.chunks(slice).enumerate() {
             let off = new + (k * slice) as u64;

@@ -24,6 +24,7 @@ mod open;
 pub mod options;
 mod read;
 mod refcounts;
+mod resize;
 mod write;
 
 pub use create::{create, create_on};

@@ -325,20 +325,32 @@ impl Meta {
 
     // ---- header and L1 (written through) ----
 
-    /// Rewrite the fixed header fields (first sector only, so a torn write cannot damage
-    /// the extensions).
-    pub(crate) fn write_header(&mut self) -> Result<()> {
-        let bytes = self.area.header.to_bytes();
+    /// Change header fields on disk (first sector only, so a torn write cannot damage the
+    /// extensions), and in memory only once the write succeeded.
+    pub(crate) fn update_header(
+        &mut self,
+        f: impl FnOnce(&mut qcow2_format::Header),
+    ) -> Result<()> {
+        let mut h = self.area.header.clone();
+        f(&mut h);
         self.storage
-            .write_at(&bytes, 0)
-            .map_err(Error::io("writing the image header"))
+            .write_at(&h.to_bytes(), 0)
+            .map_err(Error::io("writing the image header"))?;
+        self.area.header = h;
+        Ok(())
     }
 
-    /// Write one L1 entry in place.
-    pub(crate) fn write_l1_entry(&mut self, index: usize) -> Result<()> {
+    /// Set L1 entry `index` on disk, then in memory.
+    pub(crate) fn set_l1_entry(&mut self, index: usize, value: u64) -> Result<()> {
         let off = self.area.header.l1_table_offset + index as u64 * 8;
-        let bytes = self.l1[index].to_be_bytes();
-        self.write_host(&bytes, off, Some(MetaKind::ActiveL1), "L1 entry")
+        self.write_host(
+            &value.to_be_bytes(),
+            off,
+            Some(MetaKind::ActiveL1),
+            "L1 entry",
+        )?;
+        self.l1[index] = value;
+        Ok(())
     }
 
     /// Refuse writes on read-only or corrupt images.
@@ -361,20 +373,20 @@ impl Meta {
         if self.first_write_done {
             return Ok(());
         }
-        let h = &mut self.area.header;
-        let mut changed = false;
-        if h.version >= 3 && h.autoclear_features != 0 {
-            h.autoclear_features = 0;
-            changed = true;
-        }
-        if h.lazy_refcounts() && !h.is_dirty() {
-            h.incompatible_features |= qcow2_format::features::incompatible::DIRTY;
-            self.dirty_set_by_us = true;
-            changed = true;
-        }
-        if changed {
-            self.write_header()?;
+        let h = &self.area.header;
+        let clear_autoclear = h.version >= 3 && h.autoclear_features != 0;
+        let set_dirty = h.lazy_refcounts() && !h.is_dirty();
+        if clear_autoclear || set_dirty {
+            self.update_header(|h| {
+                if clear_autoclear {
+                    h.autoclear_features = 0;
+                }
+                if set_dirty {
+                    h.incompatible_features |= qcow2_format::features::incompatible::DIRTY;
+                }
+            })?;
             self.sync()?;
+            self.dirty_set_by_us = set_dirty;
         }
         self.first_write_done = true;
         Ok(())
@@ -383,8 +395,9 @@ impl Meta {
     /// After a successful flush on close: clear the dirty bit this handle set.
     pub(crate) fn finish_clean_close(&mut self) -> Result<()> {
         if self.dirty_set_by_us {
-            self.area.header.incompatible_features &= !qcow2_format::features::incompatible::DIRTY;
-            self.write_header()?;
+            self.update_header(|h| {
+                h.incompatible_features &= !qcow2_format::features::incompatible::DIRTY
+            })?;
             self.sync()?;
             self.dirty_set_by_us = false;
         }

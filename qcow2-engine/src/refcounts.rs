@@ -152,15 +152,21 @@ impl Meta {
             Some(MetaKind::RefcountBlock),
             "new refcount block",
         )?;
-        self.sync()?;
-        self.reftable[ti as usize] = off;
         let entry_off = self.area.header.refcount_table_offset + ti * 8;
-        self.write_host(
-            &off.to_be_bytes(),
-            entry_off,
-            Some(MetaKind::RefcountTable),
-            "refcount table entry",
-        )?;
+        let linked = self.sync().and_then(|()| {
+            self.write_host(
+                &off.to_be_bytes(),
+                entry_off,
+                Some(MetaKind::RefcountTable),
+                "refcount table entry",
+            )
+        });
+        if let Err(e) = linked {
+            // Unreferenced: the block only counted itself.
+            self.remove_meta(off);
+            return Err(e);
+        }
+        self.reftable[ti as usize] = off;
         self.install(Which::Refcount, off, block, false)?;
         self.alloc_end = self.alloc_end.max(off + cs);
         Ok(())
@@ -252,9 +258,18 @@ impl Meta {
         self.sync()?;
         let old_off = self.area.header.refcount_table_offset;
         let old_clusters = u64::from(self.area.header.refcount_table_clusters);
-        self.area.header.refcount_table_offset = table_off;
-        self.area.header.refcount_table_clusters = clusters as u32;
-        self.write_header()?;
+        if let Err(e) = self.update_header(|h| {
+            h.refcount_table_offset = table_off;
+            h.refcount_table_clusters = clusters as u32;
+        }) {
+            // The old table is still the one on disk; the new area is unreferenced, and
+            // counts for it in existing blocks are leaks at worst.
+            self.remove_meta(table_off);
+            for i in 0..new_blocks.len() as u64 {
+                self.remove_meta((start + clusters + i) << cbits);
+            }
+            return Err(e);
+        }
         self.sync()?;
         self.reftable = table;
         self.remove_meta(old_off);
