@@ -12,7 +12,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&dir)?;
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
-    create(&base, &CreateOptions { size: Some(256 << 20), ..Default::default() })?;
+    create(
+        &base,
+        &CreateOptions {
+            size: Some(256 << 20),
+            ..Default::default()
+        },
+    )?;
     let img = Image::open(&base, &OpenOptions::default())?;
     let t = Instant::now();
     for i in 0..1024u64 {
@@ -33,7 +39,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         img.write_at(&[0xee; 4096], i * 131072 + 1000)?;
     }
     img.flush()?;
-    println!("overlay: 1024 copy-on-write 4 KiB writes in {:?}", t.elapsed());
+    println!(
+        "overlay: 1024 copy-on-write 4 KiB writes in {:?}",
+        t.elapsed()
+    );
     let mut buf = vec![0u8; 65536];
     img.read_at(&mut buf, 131072)?;
     assert_eq!(buf[0], 1);
@@ -48,7 +57,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         info.backing_file,
         std::fs::metadata(&top)?.len() >> 10
     );
-    let out = std::process::Command::new("qemu-img").arg("check").arg(&top).output();
+    let out = std::process::Command::new("qemu-img")
+        .arg("check")
+        .arg(&top)
+        .output();
     match out {
         Ok(o) => print!("qemu-img check: {}", String::from_utf8_lossy(&o.stdout)),
         Err(_) => println!("(qemu-img not installed; skipping the check)"),

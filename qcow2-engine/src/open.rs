@@ -34,24 +34,36 @@ impl Image {
         let file_len = storage
             .len()
             .map_err(Error::io("reading the image length"))?;
-        let mut first = vec![0u8; 4096];
-        storage
-            .read_at(&mut first, 0)
-            .map_err(Error::io("reading the image header"))?;
         if file_len < 72 {
             return Err(invalid_arg!(
                 "file is {file_len} bytes, too short for a qcow2 header"
             ));
         }
-        let header = Header::decode(&first)
-            .or_else(|_| Header::decode(&first[..first.len().min(file_len as usize)]))?;
-        header.validate()?;
-        let geo = header.geometry()?;
+        // The fixed v2 part tells the cluster size; the whole header (header_length may be
+        // up to a cluster) is then decoded from cluster 0.
+        let mut first = [0u8; 72];
+        storage
+            .read_at(&mut first, 0)
+            .map_err(Error::io("reading the image header"))?;
+        let magic = u32::from_be_bytes(first[0..4].try_into().expect("4 bytes"));
+        if magic != qcow2_format::header::QCOW_MAGIC {
+            return Err(qcow2_format::FormatError::BadMagic { found: magic }.into());
+        }
+        let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
+        let geo = Geometry::new(cluster_bits, false, 4)?;
         let cs = geo.cluster_size();
         let mut cluster0 = vec![0u8; cs.min(file_len) as usize];
         storage
             .read_at(&mut cluster0, 0)
             .map_err(Error::io("reading cluster 0"))?;
+        let header = Header::decode(&cluster0).map_err(|e| match e {
+            qcow2_format::FormatError::Truncated { need, .. } if need as u64 > cs => {
+                invalid_arg!("header_length {need} exceeds the cluster size {cs}")
+            }
+            e => e.into(),
+        })?;
+        header.validate()?;
+        let geo = header.geometry()?;
         let area = HeaderArea::parse(&cluster0)?;
         let h = &area.header;
         refuse_unsupported(h, opts.read_only)?;
