@@ -28,6 +28,10 @@ impl TableCache {
         }
     }
 
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub(crate) fn entry_size(&self) -> usize {
         self.entry_size
     }

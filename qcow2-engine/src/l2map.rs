@@ -33,6 +33,15 @@ impl Meta {
         Ok(e)
     }
 
+    /// The slot of entry `index` of the L2 table at `l2_table`.
+    pub(crate) fn slot_at(&self, l2_table: u64, index: usize) -> L2Slot {
+        let per = self.entries_per_slice() as usize;
+        L2Slot {
+            slice: l2_table + (index / per) as u64 * self.l2_cache.entry_size() as u64,
+            index: index % per,
+        }
+    }
+
     fn slot_for(&self, l2_table: u64, guest: u64) -> L2Slot {
         let idx = self.geo.l2_index(guest);
         let per = self.entries_per_slice();

@@ -14,6 +14,7 @@
 mod alloc;
 mod backing;
 mod cache;
+mod check;
 mod compress;
 mod create;
 pub mod error;
@@ -24,9 +25,11 @@ mod open;
 pub mod options;
 mod read;
 mod refcounts;
+mod repair;
 mod resize;
 mod write;
 
+pub use check::{CheckReport, Repair};
 pub use create::{create, create_on};
 pub use error::{Error, Result};
 pub use image::{Image, ImageInfo, OpenOptions};

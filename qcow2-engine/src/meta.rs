@@ -171,6 +171,10 @@ impl Meta {
 
     // ---- caches ----
 
+    pub(crate) fn rb_cache_capacity(&self) -> usize {
+        self.rb_cache.capacity()
+    }
+
     fn cache(&mut self, w: Which) -> &mut TableCache {
         match w {
             Which::L2 => &mut self.l2_cache,

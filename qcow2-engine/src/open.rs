@@ -161,7 +161,8 @@ impl Image {
             dirty_set_by_us: false,
             area,
         };
-        Ok(Image {
+        let dirty = meta.area.header.is_dirty();
+        let img = Image {
             meta: Mutex::new(meta),
             storage,
             backing,
@@ -170,7 +171,16 @@ impl Image {
             compression,
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
-        })
+        };
+        if dirty && !opts.read_only {
+            // Refcounts may be stale (lazy refcounts, unclean shutdown): repair as QEMU
+            // does on a read-write open, then mark the image clean.
+            img.check(crate::check::Repair::All)?;
+            let mut m = img.lock();
+            m.update_header(|h| h.incompatible_features &= !incompatible::DIRTY)?;
+            m.sync()?;
+        }
+        Ok(img)
     }
 }
 
@@ -198,12 +208,6 @@ fn refuse_unsupported(h: &Header, read_only: bool) -> Result<()> {
     if !read_only && h.is_corrupt() {
         return Err(Error::Corrupt(
             "the image has the corrupt bit set and cannot be opened read/write".into(),
-        ));
-    }
-    if !read_only && h.is_dirty() {
-        return Err(Error::Unsupported(
-            "the image is dirty (lazy refcounts, unclean shutdown) and needs a refcount repair before it is opened read/write"
-                .into(),
         ));
     }
     Ok(())
