@@ -193,7 +193,7 @@ impl Image {
             .map(|(t, _, _)| t.iter().filter(|&&e| e != 0).count() as u64)
             .sum();
         let mut done = 0u64;
-        let mut next_contiguous = 0u64;
+        let mut next_contiguous;
         let mut l2buf = vec![0u8; cs as usize];
         for (l1, l1_off, active) in tables {
             inc(&mut r, rep, l1_off, l1.len() as u64 * 8, "L1 table");
