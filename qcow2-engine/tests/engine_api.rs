@@ -200,3 +200,165 @@ fn host_errors_during_allocation_leave_a_consistent_image() {
 fn libc_eio() -> i32 {
     5
 }
+
+/// Opening reads the same metadata whether the image is 1 GiB or 1 TiB (no scan).
+#[test]
+fn open_cost_is_independent_of_image_size() {
+    let mut counts = Vec::new();
+    for size in [1u64 << 30, 1 << 40] {
+        let faulty = Arc::new(FaultyStorage::new(MemStorage::new()));
+        let o = CreateOptions {
+            size: Some(size),
+            ..Default::default()
+        };
+        create_on(faulty.clone(), &o, None).unwrap();
+        // Some data at both ends.
+        let img = Image::open_storage(faulty.clone(), &OpenOptions::default(), None).unwrap();
+        img.write_at(&[1u8; 65536], 0).unwrap();
+        img.write_at(&[2u8; 65536], size - 65536).unwrap();
+        img.close().unwrap();
+        faulty.reset_counters();
+        let img = Image::open_storage(faulty.clone(), &OpenOptions::default(), None).unwrap();
+        counts.push(faulty.count(OpKind::Read));
+        drop(img);
+    }
+    assert_eq!(counts[0], counts[1], "reads during open: {counts:?}");
+    assert!(counts[0] <= 8, "open issued {} reads", counts[0]);
+}
+
+/// Writing into compressed clusters decompresses into a fresh cluster and frees the
+/// compressed bytes; the result matches qemu-io doing the same.
+#[test]
+fn writes_over_compressed_clusters_match_qemu_io() {
+    let dir = TempDir::new("overc");
+    for opts in [
+        "",
+        "compression_type=zstd",
+        "extended_l2=on,cluster_size=16k",
+    ] {
+        let ours = dir.path("o.qcow2");
+        let theirs = dir.path("t.qcow2");
+        for p in [&ours, &theirs] {
+            let mut a = vec!["create", "-q", "-f", "qcow2"];
+            if !opts.is_empty() {
+                a.extend(["-o", opts]);
+            }
+            let ps = p.to_str().unwrap().to_string();
+            a.extend([ps.as_str(), "4M"]);
+            qemu_img(&a);
+            qemu_io(
+                &[],
+                p,
+                &[
+                    "write -c -P 0x11 0 64k".into(),
+                    "write -c -P 0x22 64k 64k".into(),
+                    "write -c -P 0x33 1M 64k".into(),
+                ],
+            );
+        }
+        let img = Image::open(&ours, &OpenOptions::default()).unwrap();
+        img.write_at(&[0x44; 1000], 3000).unwrap();
+        img.write_at(&[0x55; 70000], 60000).unwrap();
+        img.write_at(&[0x66; 65536], 1 << 20).unwrap();
+        img.close().unwrap();
+        qemu_io(
+            &[],
+            &theirs,
+            &[
+                "write -P 0x44 3000 1000".into(),
+                "write -P 0x55 60000 70000".into(),
+                "write -P 0x66 1M 64k".into(),
+            ],
+        );
+        assert_check_clean(&ours);
+        assert_identical(&ours, &theirs);
+        let r = Image::open(
+            &ours,
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .check(qcow2_engine::Repair::None)
+        .unwrap();
+        // Clusters written into are compressed no more; untouched ones still are, exactly
+        // as in the qemu-io twin.
+        let json = qemu_img(&["check", "--output=json", theirs.to_str().unwrap()]);
+        let want = json
+            .split("\"compressed-clusters\": ")
+            .nth(1)
+            .map_or(0, |t| {
+                t.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            });
+        assert_eq!(r.compressed_clusters, want, "{opts}: {r:?} vs {json}");
+        assert!(
+            want < 3 * (65536 / img_cluster(opts)),
+            "{opts}: nothing was decompressed"
+        );
+    }
+}
+
+/// The engine on a real block device (a loop device), when this machine can make one.
+#[test]
+fn image_on_a_loop_device() {
+    let dir = TempDir::new("loop");
+    let backing = dir.path("dev.img");
+    std::fs::write(&backing, vec![0u8; 64 << 20]).unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show", backing.to_str().unwrap()])
+        .output();
+    let dev = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Ok(o) => {
+            eprintln!(
+                "skipped: losetup failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("skipped: losetup unavailable: {e}");
+            return;
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _guard = Detach(dev.clone());
+    let o = CreateOptions {
+        size: Some(32 << 20),
+        ..Default::default()
+    };
+    create(&dev, &o).unwrap();
+    let img = Image::open(&dev, &OpenOptions::default()).unwrap();
+    img.write_at(&[0x5a; 300_000], 123_456).unwrap();
+    let mut b = vec![0u8; 300_000];
+    img.read_at(&mut b, 123_456).unwrap();
+    assert!(b.iter().all(|&x| x == 0x5a));
+    img.close().unwrap();
+    let (code, out, err) = qemu_img_status(&["check", &dev]);
+    assert_eq!(code, 0, "{out}{err}");
+    qemu_io(
+        &[],
+        std::path::Path::new(&dev),
+        &["read -P 0x5a 123456 300000".into()],
+    );
+}
+
+fn img_cluster(opts: &str) -> u64 {
+    if opts.contains("16k") {
+        16384
+    } else {
+        65536
+    }
+}
