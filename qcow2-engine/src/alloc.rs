@@ -5,7 +5,8 @@
 //! instead of being reused.
 
 use crate::error::{corrupt, Error, Result};
-use crate::meta::Meta;
+use crate::meta::{HostOpKind, Meta};
+use crate::policy::FreeReason;
 
 /// A run of allocated host clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,8 @@ impl Meta {
     fn alloc(&mut self, n: u64, contiguous: bool) -> Result<Vec<Run>> {
         debug_assert!(n > 0);
         self.check_writable()?;
+        // A cluster with a host discard pending is never handed out before it is done.
+        self.run_host_ops()?;
         let cbits = self.geo.cluster_bits();
         let max_cluster = qcow2_format::geometry::MAX_HOST_OFFSET >> cbits;
         'retry: loop {
@@ -104,8 +107,23 @@ impl Meta {
         }
     }
 
-    /// Drop one reference from each of `n` clusters at `off`.
-    pub(crate) fn free_clusters(&mut self, off: u64, n: u64) -> Result<()> {
-        self.update_refcounts(off, n, -1)
+    /// Drop one reference from each of `n` clusters at `off`. Clusters whose refcount
+    /// reaches zero are queued for a host discard if the policy passes `reason` down.
+    pub(crate) fn free_clusters(&mut self, off: u64, n: u64, reason: FreeReason) -> Result<()> {
+        let freed = self.update_refcounts(off, n, -1)?;
+        if self.policy.passes(reason) {
+            let cbits = self.geo.cluster_bits();
+            for c in freed {
+                // Metadata clusters are punched only once the switch away from them is
+                // durable; guest data may go at once (the guest gave it up).
+                self.queue_host_op(
+                    c << cbits,
+                    1 << cbits,
+                    HostOpKind::Discard,
+                    reason != FreeReason::Request,
+                );
+            }
+        }
+        Ok(())
     }
 }

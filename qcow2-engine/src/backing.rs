@@ -103,8 +103,10 @@ pub(crate) fn open_backing(
     chain.push(canon.clone());
     match fmt.as_str() {
         "qcow2" => {
+            // Read-only below: discard policy does not apply to backing files.
             let o = OpenOptions {
                 read_only: true,
+                discard: Default::default(),
                 ..opts.clone()
             };
             let img = Image::open_storage_in_chain(storage, &o, canon.parent(), &chain)?;

@@ -11,6 +11,7 @@ use crate::backing::Backing;
 use crate::error::{Error, Result};
 use crate::meta::Meta;
 use crate::options::{parse_bool, parse_size, split_options, CacheOptions};
+use crate::policy::DiscardOptions;
 
 /// How to open an image.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,14 +24,19 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Metadata cache sizes.
     pub cache: CacheOptions,
+    /// Discard / write-zeroes options (QEMU's names, or `provision=`).
+    pub discard: DiscardOptions,
 }
 
 impl OpenOptions {
-    /// Apply `key=value,...` runtime options: `read-only`, `cache.direct`, `l2-cache-size`,
-    /// `l2-cache-entry-size`, `refcount-cache-size`. Unknown keys are an error.
+    /// Parse `key=value,...` runtime options: `read-only`, `cache.direct`,
+    /// `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, and the discard
+    /// options (`discard`, `pass-discard-request|snapshot|other`, `discard-no-unref`,
+    /// `detect-zeroes`, `provision`). Unknown keys are an error.
     pub fn parse(s: &str) -> Result<OpenOptions> {
         let mut o = OpenOptions::default();
-        for (k, v) in split_options(s)? {
+        let rest = o.discard.take(split_options(s)?)?;
+        for (k, v) in rest {
             match k.as_str() {
                 "read-only" => o.read_only = parse_bool(&k, &v)?,
                 "cache.direct" => o.direct = parse_bool(&k, &v)?,

@@ -5,6 +5,7 @@ use qcow2_format::{L1Entry, L2Entry};
 
 use crate::error::{corrupt, Result};
 use crate::meta::{Meta, MetaKind, Which};
+use crate::policy::FreeReason;
 
 /// Where an L2 entry lives in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +111,7 @@ impl Meta {
         if let Err(e) = linked {
             // Nothing points at the new table: give its cluster back.
             self.remove_meta(new);
-            let _ = self.free_clusters(new, 1);
+            let _ = self.free_clusters(new, 1, FreeReason::Never);
             return Err(e);
         }
         let slice = self.l2_cache.entry_size();
@@ -124,7 +125,7 @@ impl Meta {
             if let Some((s, _, MetaKind::ActiveL2)) = self.overlapping_meta(o, 1) {
                 self.remove_meta(s);
             }
-            self.free_clusters(o, 1)?;
+            self.free_clusters(o, 1, FreeReason::Other)?;
         }
         Ok(new)
     }

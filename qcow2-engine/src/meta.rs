@@ -50,6 +50,23 @@ pub(crate) enum MetaKind {
     SnapshotL1,
 }
 
+/// A host operation queued by the discard/zero policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostOpKind {
+    /// Release the range (PUNCH_HOLE / BLKDISCARD).
+    Discard,
+    /// Zero the range, keeping it allocated (anchor).
+    ZeroKeep,
+}
+
+/// A queued host operation on whole clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HostOp {
+    pub off: u64,
+    pub len: u64,
+    pub kind: HostOpKind,
+}
+
 /// The metadata of an open image.
 pub(crate) struct Meta {
     pub storage: Arc<dyn Storage>,
@@ -79,6 +96,14 @@ pub(crate) struct Meta {
     pub first_write_done: bool,
     /// This handle set the dirty bit (lazy refcounts) and clears it on clean close.
     pub dirty_set_by_us: bool,
+    /// The discard / write-zeroes policy in force.
+    pub policy: crate::policy::Policy,
+    /// Host operations waiting to be issued (merged when issued).
+    pub host_ops: Vec<HostOp>,
+    /// Some queued operation needs the metadata durable first (freed metadata clusters).
+    pub host_ops_need_sync: bool,
+    /// Host operations issued and failed (advisory: counted, not fatal).
+    pub host_op_failures: u64,
 }
 
 impl Meta {
@@ -322,6 +347,7 @@ impl Meta {
     /// Everything durable.
     pub(crate) fn flush(&mut self) -> Result<()> {
         if !self.read_only {
+            self.run_host_ops()?;
             self.write_back_all()?;
         }
         self.sync()
@@ -404,6 +430,51 @@ impl Meta {
             })?;
             self.sync()?;
             self.dirty_set_by_us = false;
+        }
+        Ok(())
+    }
+
+    // ---- host discard / zero queue ----
+
+    /// Queue a host operation on `[off, off+len)`.
+    pub(crate) fn queue_host_op(&mut self, off: u64, len: u64, kind: HostOpKind, needs_sync: bool) {
+        self.host_ops.push(HostOp { off, len, kind });
+        self.host_ops_need_sync |= needs_sync;
+    }
+
+    /// Issue queued host operations, merged into ranges. Advisory, as in QEMU: a failure
+    /// is counted, the metadata is already right.
+    pub(crate) fn run_host_ops(&mut self) -> Result<()> {
+        if self.host_ops.is_empty() {
+            return Ok(());
+        }
+        if self.host_ops_need_sync {
+            self.write_back_all()?;
+            self.sync()?;
+            self.host_ops_need_sync = false;
+        }
+        let mut ops = std::mem::take(&mut self.host_ops);
+        ops.sort_by_key(|o| (o.kind as u8, o.off));
+        let mut merged: Vec<HostOp> = Vec::new();
+        for o in ops {
+            match merged.last_mut() {
+                Some(m) if m.kind == o.kind && m.off + m.len >= o.off => {
+                    m.len = m.len.max(o.off + o.len - m.off);
+                }
+                _ => merged.push(o),
+            }
+        }
+        for o in merged {
+            let r = match o.kind {
+                HostOpKind::Discard => self.storage.discard(o.off, o.len).map(|_| ()),
+                HostOpKind::ZeroKeep => self
+                    .storage
+                    .write_zeroes(o.off, o.len, host_io::ZeroMode::KeepAllocated)
+                    .map(|_| ()),
+            };
+            if r.is_err() {
+                self.host_op_failures += 1;
+            }
         }
         Ok(())
     }

@@ -159,6 +159,10 @@ impl Image {
             corrupt: false,
             first_write_done: false,
             dirty_set_by_us: false,
+            policy: opts.discard.resolve(h.version)?,
+            host_ops: Vec::new(),
+            host_ops_need_sync: false,
+            host_op_failures: 0,
             area,
         };
         let dirty = meta.area.header.is_dirty();

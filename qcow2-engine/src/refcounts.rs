@@ -47,7 +47,7 @@ impl Meta {
     /// Add `delta` to the refcounts of `n` clusters from host offset `off`. All or nothing:
     /// an overflow, underflow or missing block fails before anything changes. Refcount
     /// blocks for increments must exist (see `ensure_refblocks`).
-    pub(crate) fn update_refcounts(&mut self, off: u64, n: u64, delta: i64) -> Result<()> {
+    pub(crate) fn update_refcounts(&mut self, off: u64, n: u64, delta: i64) -> Result<Vec<u64>> {
         let first = off >> self.geo.cluster_bits();
         let max = self.geo.refcount_max();
         let bits = self.geo.refcount_bits();
@@ -74,14 +74,16 @@ impl Meta {
         } else {
             Dep::RefcountsAfterL2
         })?;
+        let mut freed = Vec::new();
         for (i, v) in new.into_iter().enumerate() {
             let c = first + i as u64;
             self.set_refcount_raw(c, v)?;
             if v == 0 {
                 self.cluster_freed(c);
+                freed.push(c);
             }
         }
-        Ok(())
+        Ok(freed)
     }
 
     /// A cluster's refcount reached zero: it may be reused, and any cached copy of it as
@@ -278,7 +280,7 @@ impl Meta {
             self.install(Which::Refcount, off, b, false)?;
         }
         self.alloc_end = self.alloc_end.max(end << cbits);
-        self.update_refcounts(old_off, old_clusters, -1)?;
+        self.free_clusters(old_off, old_clusters, crate::policy::FreeReason::Other)?;
         Ok(())
     }
 

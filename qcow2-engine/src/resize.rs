@@ -4,6 +4,7 @@
 use crate::error::{invalid_arg, Error, Result};
 use crate::image::Image;
 use crate::meta::{MetaKind, Which};
+use crate::policy::FreeReason;
 
 impl Image {
     /// Change the virtual size. Growing only; the new size must be a multiple of 512.
@@ -62,7 +63,11 @@ impl Image {
             m.l1 = table;
             m.remove_meta(old_off);
             if old_entries > 0 {
-                m.free_clusters(old_off, geo.clusters_for(old_entries * 8))?;
+                m.free_clusters(
+                    old_off,
+                    geo.clusters_for(old_entries * 8),
+                    FreeReason::Other,
+                )?;
             }
         } else {
             m.update_header(|h| h.size = new_size)?;

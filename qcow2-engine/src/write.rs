@@ -9,6 +9,7 @@ use crate::error::{corrupt, Error, Result};
 use crate::image::Image;
 use crate::l2map::L2Slot;
 use crate::meta::Meta;
+use crate::policy::{DetectZeroes, FreeReason};
 use crate::read::{pin, Extent, Src};
 
 /// Host writes for one cluster: (host offset, bytes).
@@ -40,6 +41,10 @@ impl Image {
         if self.read_only {
             return Err(Error::ReadOnly("opened read-only".into()));
         }
+        let detect = self.lock().policy.detect_zeroes;
+        if detect != DetectZeroes::Off && !buf.is_empty() && buf.iter().all(|&b| b == 0) {
+            return self.write_zeroes(off, buf.len() as u64, detect == DetectZeroes::Unmap);
+        }
         let mut pos = 0usize;
         while pos < buf.len() {
             let g = off + pos as u64;
@@ -64,6 +69,28 @@ impl Image {
                 pos += n as usize;
             } else {
                 pos += self.write_alloc(&mut m, g, rest)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write with the metadata lock held (zero bytes from write-zeroes fallbacks).
+    pub(crate) fn write_locked(&self, m: &mut Meta, buf: &[u8], off: u64) -> Result<()> {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let g = off + pos as u64;
+            let rest = &buf[pos..];
+            let (exts, n) = self.plan_in_place(m, g, rest.len() as u64)?;
+            if n > 0 {
+                for e in &exts {
+                    if let Src::Host(h) = e.src {
+                        m.check_overlap(h, e.len, None, "guest data")?;
+                    }
+                }
+                self.write_extents(&exts, &rest[..n as usize])?;
+                pos += n as usize;
+            } else {
+                pos += self.write_alloc(m, g, rest)?;
             }
         }
         Ok(())
@@ -226,7 +253,7 @@ impl Image {
         if let Err(e) = result {
             // Nothing points at the new clusters yet: give them back.
             for r in &runs {
-                let _ = m.free_clusters(r.off, r.count);
+                let _ = m.free_clusters(r.off, r.count, FreeReason::Never);
             }
             return Err(e);
         }
@@ -239,11 +266,11 @@ impl Image {
             }
             match p.kind {
                 ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset } => {
-                    m.free_clusters(offset, 1)?
+                    m.free_clusters(offset, 1, FreeReason::Never)?
                 }
                 ClusterKind::Compressed(d) => {
                     for h in d.host_clusters(&geo) {
-                        m.free_clusters(h, 1)?;
+                        m.free_clusters(h, 1, FreeReason::Never)?;
                     }
                 }
                 ClusterKind::Unallocated | ClusterKind::ZeroPlain => {}
