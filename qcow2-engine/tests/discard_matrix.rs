@@ -73,16 +73,7 @@ fn observe(p: &Path, cluster: u64, extl2: bool, host_before: u64) -> (u64, u64, 
     } else {
         (0, false)
     };
-    (word, bitmap, rc, hole).into_obs()
-}
-
-trait IntoObs {
-    fn into_obs(self) -> (u64, u64, u64, bool);
-}
-impl IntoObs for (u64, u64, u64, bool) {
-    fn into_obs(self) -> (u64, u64, u64, bool) {
-        self
-    }
+    (word, bitmap, rc, hole)
 }
 
 fn host_of(p: &Path, cluster: u64, extl2: bool) -> u64 {
@@ -112,7 +103,11 @@ fn run(create_opts: &str, runtime: &str) -> usize {
             let off = cluster * CS;
             let cmd = format!("{op} {off} {CS}");
             let spec = format!("driver=qcow2,file.filename={},{runtime}", theirs.display());
-            qemu_io(&["--image-opts"], Path::new(&spec), &[cmd.clone()]);
+            qemu_io(
+                &["--image-opts"],
+                Path::new(&spec),
+                std::slice::from_ref(&cmd),
+            );
             let img = Image::open(&ours, &OpenOptions::parse(runtime).unwrap()).unwrap();
             match op {
                 "discard" => img.discard(off, CS),
