@@ -83,6 +83,13 @@ pub struct ImageInfo {
     pub autoclear_features: u64,
     /// Opened read-only.
     pub read_only: bool,
+    /// Granularity a guest should be told for discard: the cluster size (partial clusters
+    /// are ignored).
+    pub discard_granularity: u64,
+    /// Alignment write-zeroes is efficient at: the subcluster size.
+    pub write_zeroes_alignment: u64,
+    /// The effective discard policy, e.g. `provision=metadata`.
+    pub policy: String,
 }
 
 /// An open qcow2 image. All methods take `&self`; one handle may be used from several
@@ -184,7 +191,24 @@ impl Image {
             compatible_features: h.compatible_features,
             autoclear_features: h.autoclear_features,
             read_only: self.read_only,
+            discard_granularity: self.geo.cluster_size(),
+            write_zeroes_alignment: self.geo.subcluster_size(),
+            policy: m.policy.describe(),
         }
+    }
+
+    /// Change the discard / write-zeroes options of an open image (like QEMU's reopen).
+    /// The string replaces all discard options; unset ones take their defaults. Other keys
+    /// are refused. Pending host discards are issued under the old policy first.
+    pub fn set_options(&self, options: &str) -> Result<()> {
+        let d = DiscardOptions::parse(options)?;
+        let mut m = self.lock();
+        let policy = d.resolve(m.area.header.version)?;
+        if !m.read_only {
+            m.run_host_ops()?;
+        }
+        m.policy = policy;
+        Ok(())
     }
 
     /// Make every completed write durable.

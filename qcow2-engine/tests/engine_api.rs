@@ -362,3 +362,39 @@ fn img_cluster(opts: &str) -> u64 {
         65536
     }
 }
+
+/// Reopen-style option changes and the advertised discard limits.
+#[test]
+fn set_options_and_discard_limits() {
+    let dir = TempDir::new("setopt");
+    let p = new_image(&dir, "s.qcow2", "extended_l2=on", 4 << 20);
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    let i = img.info();
+    assert_eq!(
+        (i.discard_granularity, i.write_zeroes_alignment),
+        (65536, 2048)
+    );
+    assert_eq!(i.policy, "provision=metadata");
+    img.write_at(&[1u8; 65536], 0).unwrap();
+    img.set_options("provision=off").unwrap();
+    img.discard(0, 65536).unwrap();
+    let mut b = [0u8; 16];
+    img.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [1u8; 16], "provision=off ignores discards");
+    img.set_options("discard=unmap").unwrap();
+    img.discard(0, 65536).unwrap();
+    img.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [0u8; 16]);
+    let e = img
+        .set_options("provision=thin,discard=unmap")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("provision=thin") && e.contains("discard"), "{e}");
+    assert!(img.set_options("l2-cache-size=1M").is_err());
+    assert_eq!(
+        img.info().policy,
+        "discard=unmap,pass-discard-request=on,discard-no-unref=off"
+    );
+    img.close().unwrap();
+    assert_check_clean(&p);
+}
