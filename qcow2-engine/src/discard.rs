@@ -126,10 +126,7 @@ impl Image {
         let sc = geo.subcluster_size();
         let sub = s - s % sc;
         let sub_end = (sub + sc).min(self.virtual_size());
-        let (entry, _) = m.l2_lookup(sub)?;
-        let kind = entry
-            .kind(&geo)
-            .map_err(|err| crate::error::corrupt!("L2 entry for {sub:#x}: {err}"))?;
+        let (entry, kind, _) = m.l2_kind(sub)?;
         let sk = entry.subcluster_kind(kind, &geo, geo.subcluster_index(sub));
         let empty = matches!(
             sk,
@@ -202,10 +199,7 @@ impl Image {
     /// host I/O, as QEMU). Compressed clusters get zero bytes instead.
     fn zero_subclusters(&self, m: &mut Meta, s: u64, e: u64) -> Result<()> {
         let geo = self.geo;
-        let (entry, _) = m.l2_lookup(s)?;
-        let kind = entry
-            .kind(&geo)
-            .map_err(|err| crate::error::corrupt!("L2 entry for {s:#x}: {err}"))?;
+        let (_, kind, _) = m.l2_kind(s)?;
         if let ClusterKind::Compressed(_) = kind {
             return self.write_zero_bytes(m, s, e);
         }
@@ -224,10 +218,7 @@ impl Image {
     fn zero_or_discard_cluster(&self, m: &mut Meta, g: u64, op: ClusterOp) -> Result<()> {
         let geo = self.geo;
         let v3 = m.area.header.version >= 3;
-        let (old, slot) = m.l2_lookup(g)?;
-        let kind = old
-            .kind(&geo)
-            .map_err(|err| crate::error::corrupt!("L2 entry for {g:#x}: {err}"))?;
+        let (old, kind, slot) = m.l2_kind(g)?;
         let compressed = matches!(kind, ClusterKind::Compressed(_));
         let allocated = matches!(
             kind,

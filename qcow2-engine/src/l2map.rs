@@ -1,7 +1,7 @@
 //! Guest-to-host mapping through L1 and L2: entry lookup, entry updates, and allocation or
 //! copy-on-write of L2 tables.
 
-use qcow2_format::{L1Entry, L2Entry};
+use qcow2_format::{ClusterKind, L1Entry, L2Entry};
 
 use crate::error::{corrupt, Result};
 use crate::meta::{Meta, MetaKind, Which};
@@ -62,6 +62,16 @@ impl Meta {
         self.load(Which::L2, slot.slice)?;
         let data = self.l2_cache.get(slot.slice).expect("loaded");
         Ok((L2Entry::read(data, slot.index, &self.geo), Some(slot)))
+    }
+
+    /// The L2 entry mapping `guest`, decoded; a bad entry is reported as corruption.
+    pub(crate) fn l2_kind(&mut self, guest: u64) -> Result<(L2Entry, ClusterKind, Option<L2Slot>)> {
+        let (entry, slot) = self.l2_lookup(guest)?;
+        let kind = entry.kind(&self.geo).map_err(|e| {
+            let cl = self.geo.align_down(guest);
+            corrupt!("L2 entry for guest offset {cl:#x}: {e}")
+        })?;
+        Ok((entry, kind, slot))
     }
 
     /// Update an entry in an active, exclusively owned L2 table.

@@ -4,7 +4,7 @@
 use qcow2_format::{ClusterKind, CompressedDescriptor, SubclusterKind};
 
 use crate::compress::decompress_cluster;
-use crate::error::{corrupt, invalid_arg, Error, Result};
+use crate::error::{invalid_arg, Error, Result};
 use crate::image::Image;
 use crate::meta::Meta;
 
@@ -66,10 +66,7 @@ impl Image {
         while pos < end {
             let cl = geo.align_down(pos);
             let cl_end = (cl + cs).min(end);
-            let (entry, _) = m.l2_lookup(pos)?;
-            let kind = entry
-                .kind(&geo)
-                .map_err(|e| corrupt!("L2 entry for guest offset {cl:#x}: {e}"))?;
+            let (entry, kind, _) = m.l2_kind(pos)?;
             while pos < cl_end {
                 let in_cl = pos - cl;
                 let sub_end = if geo.extended_l2() {

@@ -5,7 +5,7 @@
 use qcow2_format::l2::{bitmap, BITMAP_ALL_ALLOC, OFLAG_COPIED};
 use qcow2_format::{ClusterKind, L2Entry, SubclusterKind};
 
-use crate::error::{corrupt, Error, Result};
+use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::l2map::L2Slot;
 use crate::meta::Meta;
@@ -153,10 +153,7 @@ impl Image {
             let cl = self.geo.align_down(pos);
             let a = pos - cl;
             let b = (a + (len - done)).min(cs);
-            let (entry, _) = m.l2_lookup(pos)?;
-            let kind = entry
-                .kind(&self.geo)
-                .map_err(|e| corrupt!("L2 entry for guest offset {cl:#x}: {e}"))?;
+            let (entry, kind, _) = m.l2_kind(pos)?;
             if !self.in_place(&entry, kind, a, b) {
                 break;
             }
@@ -191,10 +188,7 @@ impl Image {
             let a = p - cl;
             let b = (a + (data.len() - pos) as u64).min(cs);
             let slot = m.l2_slot_for_write(p)?;
-            let (entry, _) = m.l2_lookup(p)?;
-            let kind = entry
-                .kind(&geo)
-                .map_err(|e| corrupt!("L2 entry for guest offset {cl:#x}: {e}"))?;
+            let (entry, kind, _) = m.l2_kind(p)?;
             if !plans.is_empty() && self.in_place(&entry, kind, a, b) {
                 break;
             }
