@@ -26,6 +26,17 @@ enum ClusterOp {
     Zero { unmap: bool, keep: bool },
 }
 
+/// How a write-zeroes request treats whole clusters, fixed once per request.
+#[derive(Debug, Clone, Copy)]
+struct ZeroHow {
+    /// May-unmap after the policy.
+    unmap: bool,
+    /// Keep references (discard-no-unref or an anchoring mode).
+    keep: bool,
+    /// Version 2 image (no zero clusters).
+    v2: bool,
+}
+
 impl Image {
     /// Discard guest bytes (whole clusters only, as QEMU: partial clusters at either end
     /// are ignored, except a final partial cluster at an unaligned end of the image).
@@ -79,8 +90,11 @@ impl Image {
         let mut m = self.lock();
         m.prepare_first_write()?;
         let v2 = m.area.header.version < 3;
-        let unmap = !v2 && m.policy.zero_may_unmap(may_unmap);
-        let keep = m.policy.zero_keeps_reference();
+        let how = ZeroHow {
+            unmap: !v2 && m.policy.zero_may_unmap(may_unmap),
+            keep: m.policy.zero_keeps_reference(),
+            v2,
+        };
         // Head and tail inside one subcluster each; the aligned body between. An end at
         // the (unaligned) end of the image counts as aligned, as in QEMU.
         let up = |x: u64| x.div_ceil(sc) * sc;
@@ -102,9 +116,9 @@ impl Image {
         }
         for (s, e, aligned) in pieces {
             if aligned {
-                self.zero_aligned(&mut m, s, e, unmap, keep, v2)?;
+                self.zero_aligned(&mut m, s, e, how)?;
             } else {
-                self.zero_unaligned(&mut m, s, e, unmap, keep, v2)?;
+                self.zero_unaligned(&mut m, s, e, how)?;
             }
         }
         m.run_host_ops()
@@ -113,15 +127,7 @@ impl Image {
     /// A range inside one subcluster: if the rest of the subcluster reads zero and holds
     /// no data, zero the whole subcluster; otherwise write zero bytes (QEMU's ENOTSUP
     /// fallback).
-    fn zero_unaligned(
-        &self,
-        m: &mut Meta,
-        s: u64,
-        e: u64,
-        unmap: bool,
-        keep: bool,
-        v2: bool,
-    ) -> Result<()> {
+    fn zero_unaligned(&self, m: &mut Meta, s: u64, e: u64, how: ZeroHow) -> Result<()> {
         let geo = self.geo;
         let sc = geo.subcluster_size();
         let sub = s - s % sc;
@@ -141,7 +147,7 @@ impl Image {
             self.read_locked(m, &mut head, sub)?;
             self.read_locked(m, &mut tail, e)?;
             if head.iter().chain(tail.iter()).all(|&b| b == 0) {
-                return self.zero_aligned(m, sub, sub_end, unmap, keep, v2);
+                return self.zero_aligned(m, sub, sub_end, how);
             }
         }
         self.write_zero_bytes(m, s, e)
@@ -161,15 +167,7 @@ impl Image {
 
     /// Subcluster-aligned range: whole clusters change their entry; partial clusters
     /// (extended L2) change their bitmap.
-    fn zero_aligned(
-        &self,
-        m: &mut Meta,
-        s: u64,
-        e: u64,
-        unmap: bool,
-        keep: bool,
-        v2: bool,
-    ) -> Result<()> {
+    fn zero_aligned(&self, m: &mut Meta, s: u64, e: u64, how: ZeroHow) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut pos = s;
@@ -177,7 +175,7 @@ impl Image {
             let cl = geo.align_down(pos);
             let cl_end = (cl + cs).min(e);
             let whole = pos == cl && (cl_end == cl + cs || cl_end == self.virtual_size());
-            if v2 {
+            if how.v2 {
                 // No zero clusters on v2: without a backing file QEMU discards instead;
                 // with one, zero bytes are written.
                 if whole && self.backing.is_none() {
@@ -186,7 +184,14 @@ impl Image {
                     self.write_zero_bytes(m, pos, cl_end)?;
                 }
             } else if whole {
-                self.zero_or_discard_cluster(m, cl, ClusterOp::Zero { unmap, keep })?;
+                self.zero_or_discard_cluster(
+                    m,
+                    cl,
+                    ClusterOp::Zero {
+                        unmap: how.unmap,
+                        keep: how.keep,
+                    },
+                )?;
             } else {
                 self.zero_subclusters(m, pos, cl_end)?;
             }
