@@ -213,10 +213,9 @@ impl Image {
             pos += (b - a) as usize;
         }
         let need = plans.iter().filter(|p| p.reuse.is_none()).count() as u64;
-        let zero_from = m
-            .storage
-            .len()
-            .map_err(Error::io("reading the image length"))?;
+        // Clusters at or past `alloc_end` were never written since open and lay beyond
+        // the file's end then: they read zero without a syscall to ask the file length.
+        let zero_from = m.alloc_end;
         let runs = if need > 0 {
             m.alloc_clusters(need)?
         } else {
