@@ -283,6 +283,10 @@ impl Storage for CrashStorage {
     fn capabilities(&self) -> Capabilities {
         self.live.capabilities()
     }
+
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.live.data_run(offset, len)
+    }
 }
 
 #[cfg(test)]

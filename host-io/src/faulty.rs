@@ -190,4 +190,8 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
+
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.inner.data_run(offset, len)
+    }
 }

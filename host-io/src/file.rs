@@ -338,6 +338,23 @@ impl Storage for FileStorage {
         self.do_write_zeroes(offset, len, mode)
     }
 
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        if len == 0 || self.is_block_device() {
+            return Ok((true, len));
+        }
+        let end = offset.saturating_add(len);
+        // SEEK_DATA from `offset`: data starting right here means a data run up to the next
+        // hole; otherwise a hole up to the next data (or to the end of the file).
+        match self.next_data(offset)? {
+            Some(d) if d <= offset => {
+                let h = self.next_hole(offset)?.unwrap_or(end);
+                Ok((true, h.min(end) - offset))
+            }
+            Some(d) => Ok((false, d.min(end) - offset)),
+            None => Ok((false, len)),
+        }
+    }
+
     fn capabilities(&self) -> Capabilities {
         let p = &self.probes;
         let io_alignment = u32::try_from(self.align).unwrap_or(u32::MAX);

@@ -50,6 +50,9 @@ macro_rules! forward_storage {
             fn capabilities(&self) -> Capabilities {
                 (**self).capabilities()
             }
+            fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+                (**self).data_run(offset, len)
+            }
         }
     };
 }

@@ -210,6 +210,29 @@ impl Inner {
         self.len = self.len.max(end);
     }
 
+    fn data_run(&self, offset: u64, end: u64) -> (bool, u64) {
+        let first = offset / MEM_BLOCK_SIZE;
+        let state = self.blocks.get(&first).is_some_and(|b| b.allocated);
+        let mut stop = first + 1;
+        if state {
+            // Extend over consecutive allocated blocks.
+            for (&i, b) in self.blocks.range(first + 1..) {
+                if i != stop || !b.allocated || i * MEM_BLOCK_SIZE >= end {
+                    break;
+                }
+                stop = i + 1;
+            }
+        } else {
+            // A hole lasts until the next allocated block.
+            stop = self
+                .blocks
+                .range(first + 1..)
+                .find(|(_, b)| b.allocated)
+                .map_or(u64::MAX / MEM_BLOCK_SIZE, |(&i, _)| i);
+        }
+        (state, stop.saturating_mul(MEM_BLOCK_SIZE).min(end) - offset)
+    }
+
     fn allocated_in(&self, offset: u64, end: u64) -> u64 {
         if end <= offset {
             return 0;
@@ -403,6 +426,13 @@ impl Storage for MemStorage {
         } else {
             ZeroMethod::WroteZeroBuffers
         })
+    }
+
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        if len == 0 {
+            return Ok((true, 0));
+        }
+        Ok(self.lock().data_run(offset, offset.saturating_add(len)))
     }
 
     fn capabilities(&self) -> Capabilities {

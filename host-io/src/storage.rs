@@ -132,4 +132,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// What the backend can do, as far as probed so far.
     fn capabilities(&self) -> Capabilities;
+
+    /// Whether `offset` lies in stored data (`true`) or in a hole (`false`), and how many
+    /// bytes from `offset` (at most `len`) share that state. Used to report holes of raw
+    /// files in block status and to count host extents. Backends that cannot tell report
+    /// everything as data, which is always safe.
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let _ = offset;
+        Ok((true, len))
+    }
 }

@@ -360,3 +360,21 @@ fn concurrent_disjoint_writes() {
         }
     }
 }
+
+#[test]
+fn data_run_follows_seek_data_and_seek_hole() {
+    let d = TempDir::new("datarun");
+    let s = filled(&d, "f", 4 * M, FileOptions::new());
+    s.discard(M, M).unwrap();
+    let (data, len) = s.data_run(0, 4 * M).unwrap();
+    assert!(data);
+    assert_eq!(len, M);
+    // Filesystems without hole tracking report all data; those with it report the hole.
+    if s.next_hole(0).unwrap() == Some(M) {
+        assert_eq!(s.data_run(M, 4 * M).unwrap(), (false, M));
+        assert_eq!(s.data_run(M + 4096, 10).unwrap(), (false, 10));
+        assert_eq!(s.data_run(2 * M, 4 * M).unwrap(), (true, 2 * M));
+    }
+    // Past the end of the file everything is a hole.
+    assert_eq!(s.data_run(8 * M, M).unwrap(), (false, M));
+}

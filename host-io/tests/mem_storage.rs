@@ -170,3 +170,19 @@ fn bad_input_is_an_error_not_a_panic() {
     );
     assert!(ro.capabilities().read_only);
 }
+
+#[test]
+fn data_run_reports_data_and_holes() {
+    let s = MemStorage::new();
+    s.write_at(&vec![1u8; 2 * B as usize], 4 * B).unwrap();
+    // Before the data: a hole up to it.
+    assert_eq!(s.data_run(0, 100 * B).unwrap(), (false, 4 * B));
+    assert_eq!(s.data_run(B + 7, 100 * B).unwrap(), (false, 3 * B - 7));
+    // Inside the data: data up to its end, capped by len.
+    assert_eq!(s.data_run(4 * B, 100 * B).unwrap(), (true, 2 * B));
+    assert_eq!(s.data_run(4 * B + 1, B).unwrap(), (true, B));
+    // After it: a hole to the requested end.
+    assert_eq!(s.data_run(6 * B, 1 << 40).unwrap(), (false, 1 << 40));
+    s.discard(4 * B, B).unwrap();
+    assert_eq!(s.data_run(4 * B, 100 * B).unwrap(), (false, B));
+}

@@ -90,6 +90,8 @@ pub struct ImageInfo {
     pub write_zeroes_alignment: u64,
     /// The effective discard policy, e.g. `provision=metadata`.
     pub policy: String,
+    /// The effective policy in structured form.
+    pub mode: crate::policy::Mode,
 }
 
 /// An open qcow2 image. All methods take `&self`; one handle may be used from several
@@ -194,6 +196,7 @@ impl Image {
             discard_granularity: self.geo.cluster_size(),
             write_zeroes_alignment: self.geo.subcluster_size(),
             policy: m.policy.describe(),
+            mode: m.policy.mode,
         }
     }
 
