@@ -44,7 +44,8 @@ impl Error {
     /// The negative-errno class of this error, as the C API reports it (positive value).
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc_eio()),
+            // host-io wraps errors with context; the errno underneath is what counts.
+            Error::Io { source, .. } => host_io::raw_os_error_of(source).unwrap_or(libc_eio()),
             Error::Format(_) | Error::InvalidArgument(_) => 22, // EINVAL
             Error::Corrupt(_) => libc_eio(),
             Error::Unsupported(_) => 95, // ENOTSUP

@@ -2,6 +2,8 @@
 //! oracle, and a seeded PRNG. Tests fail (not skip) when qemu-utils is missing.
 #![allow(dead_code)]
 
+pub mod frag;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
