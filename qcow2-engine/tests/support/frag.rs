@@ -91,8 +91,10 @@ pub fn model(ops: &[Op]) -> Vec<u8> {
 /// Returns the time from open to close (create excluded, as for qemu-io).
 pub fn run_engine(path: &Path, options: &str, ops: &[Op]) -> Duration {
     let _ = std::fs::remove_file(path);
-    let mut co = CreateOptions::default();
-    co.size = Some(VSIZE);
+    let co = CreateOptions {
+        size: Some(VSIZE),
+        ..Default::default()
+    };
     qcow2_engine::create(path, &co).expect("create");
     let t = Instant::now();
     let img = Image::open(path, &OpenOptions::parse(options).expect("options")).expect("open");
