@@ -3,6 +3,9 @@
 //! through qemu-io in the same run (when installed), so the ratio is read off one report.
 //! Each sample is one whole workload including open and close (create excluded).
 
+// `criterion_group!` and `criterion_main!` generate undocumented public items.
+#![allow(missing_docs)]
+
 #[path = "../tests/support/frag.rs"]
 mod frag;
 
