@@ -1,3 +1,61 @@
 //! # libqcowprov C ABI
 //!
-//! The only crate exporting `extern "C"` symbols. Filled by the C ABI issue.
+//! The only crate exporting `extern "C"` symbols: `libqcowprov.so.1` (plus a static
+//! library and this rlib) and, generated from these sources by cbindgen, the committed
+//! header `include/qcowprov.h`.
+//!
+//! Conventions, as in rustls-ffi and hyper's C API:
+//! - an opaque handle, `struct qcowprov_image`, from `qcowprov_open`, freed by
+//!   `qcowprov_close`; one handle may be used from several threads;
+//! - functions return 0 (or a byte count) on success and a negative errno on failure,
+//!   with a message for `qcowprov_last_error` on the calling thread;
+//! - out-parameters are written only on success; NULL pointers give `-EINVAL`;
+//! - structs passed by pointer start with `struct_size`, set by the caller;
+//! - every export runs behind a panic boundary: a panic becomes `-EIO` with the message
+//!   "internal error: ...", never an unwind into C.
+//!
+//! Layout: `error` (errno, last error, strerror), `boundary` (panics), `args` (argument
+//! checks), `handle` (open/close/create/flush/resize/options), `io` (reads, writes,
+//! discard, write-zeroes), `status` (block status), `info`, `check`.
+
+// Declaration order is the order of the header (cbindgen follows it): errors, the
+// handle's lifetime, I/O, block status, info, check.
+mod error;
+
+mod handle;
+
+mod io;
+
+mod status;
+
+mod info;
+
+mod check;
+
+mod args;
+mod boundary;
+
+pub use check::{
+    qcowprov_check, QcowprovCheckResult, QcowprovProgressCb, QCOWPROV_CHECK_FIX_ALL,
+    QCOWPROV_CHECK_FIX_LEAKS,
+};
+pub use error::{qcowprov_last_error, qcowprov_strerror};
+pub use handle::{
+    qcowprov_close, qcowprov_create, qcowprov_flush, qcowprov_open, qcowprov_resize,
+    qcowprov_set_options, qcowprov_version, QcowprovImage, QCOWPROV_OPEN_DIRECT,
+    QCOWPROV_OPEN_NO_BACKING, QCOWPROV_OPEN_RDONLY,
+};
+pub use info::{
+    qcowprov_get_info, QcowprovInfo, QcowprovProvision, QCOWPROV_INFO_COMPRESSION_ZSTD,
+    QCOWPROV_INFO_EXTENDED_L2, QCOWPROV_INFO_HAS_BACKING, QCOWPROV_INFO_LAZY_REFCOUNTS,
+    QCOWPROV_INFO_READ_ONLY,
+};
+pub use io::{
+    qcowprov_discard, qcowprov_pread, qcowprov_preadv, qcowprov_pwrite, qcowprov_pwritev,
+    qcowprov_write_zeroes, QCOWPROV_WRITE_FUA, QCOWPROV_ZERO_MAY_UNMAP,
+};
+pub use status::{
+    qcowprov_block_status, qcowprov_block_status_depth, QcowprovStatus, QCOWPROV_STATUS_ALLOCATED,
+    QCOWPROV_STATUS_BACKING, QCOWPROV_STATUS_COMPRESSED, QCOWPROV_STATUS_DATA,
+    QCOWPROV_STATUS_OFFSET_VALID, QCOWPROV_STATUS_ZERO,
+};
