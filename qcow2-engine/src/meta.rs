@@ -12,7 +12,7 @@
 //!
 //! Switching direction writes the pending side first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use host_io::Storage;
@@ -86,7 +86,7 @@ pub(crate) struct Meta {
     /// First byte past every allocated cluster (cluster aligned, never shrinks).
     pub alloc_end: u64,
     /// Host clusters with lock-free data I/O in flight: never reallocated meanwhile.
-    pub inflight: HashMap<u64, u32>,
+    pub inflight: crate::cache::OffsetMap<u32>,
     /// Metadata ranges: start -> (end, kind).
     pub meta_ranges: BTreeMap<u64, (u64, MetaKind)>,
     pub snapshots: Vec<SnapshotEntry>,

@@ -3,7 +3,7 @@
 //! and open the backing chain. Cost is proportional to the L1 and refcount tables, never
 //! to the image's data.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
@@ -153,7 +153,7 @@ impl Image {
             l2_needs_sync: false,
             free_hint: 0,
             alloc_end: geo.align_up(file_len),
-            inflight: HashMap::new(),
+            inflight: Default::default(),
             meta_ranges: ranges.map,
             snapshots,
             corrupt: false,
