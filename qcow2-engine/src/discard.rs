@@ -254,8 +254,11 @@ impl Image {
                 new.word |= OFLAG_ZERO;
             }
         }
-        // Host effect on a kept cluster owned alone (never on one shared with a snapshot).
-        let host = if keep && has_host && (unmap || matches!(op, ClusterOp::Zero { .. })) {
+        // Host effect on a cluster that stays allocated and is owned alone (never on one
+        // shared with a snapshot): may-unmap requests follow the policy's host layer; plain
+        // write-zeroes anchor in provisioning modes so stale data does not linger.
+        let stays_allocated = has_host && !(unmap && !keep);
+        let host = if stays_allocated {
             let off = old.host_offset();
             let owned = m.refcount(off >> geo.cluster_bits())? == 1;
             let layer = if unmap {

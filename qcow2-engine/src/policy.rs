@@ -288,7 +288,12 @@ impl Policy {
     pub fn zero_may_unmap(&self, requested: bool) -> bool {
         match self.mode {
             Mode::Qemu { unmap, .. } => requested && unmap,
-            Mode::Provision(p) => requested && p.layers().0 == Layer::Unmap,
+            // Either layer may release: thin and reuse free the cluster, metadata keeps it
+            // (zero-allocated) and releases the host range.
+            Mode::Provision(p) => {
+                let (q, h) = p.layers();
+                requested && (q == Layer::Unmap || h == Layer::Unmap)
+            }
         }
     }
 
@@ -430,6 +435,9 @@ mod tests {
         assert!(!r("provision=reuse").passes(FreeReason::Request));
         assert!(!r("discard=ignore").zero_may_unmap(true));
         assert!(r("discard=unmap").zero_may_unmap(true));
-        assert!(!r("provision=metadata").zero_may_unmap(true));
+        // metadata keeps the cluster but releases the host range.
+        assert!(r("provision=metadata").zero_may_unmap(true));
+        assert!(!r("provision=full").zero_may_unmap(true));
+        assert!(!r("provision=off").zero_may_unmap(true));
     }
 }
