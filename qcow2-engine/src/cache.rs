@@ -237,7 +237,9 @@ mod tests {
         let mut model: Vec<u64> = Vec::new();
         let mut x = 12345u64;
         for _ in 0..20_000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let off = (x >> 33) % 13;
             if c.contains(off) {
                 if x & 1 == 0 {
