@@ -287,6 +287,10 @@ impl Storage for CrashStorage {
     fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
         self.live.data_run(offset, len)
     }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.live.allocated_size()
+    }
 }
 
 #[cfg(test)]

@@ -194,4 +194,8 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
         self.inner.data_run(offset, len)
     }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.inner.allocated_size()
+    }
 }

@@ -355,6 +355,14 @@ impl Storage for FileStorage {
         }
     }
 
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        if self.is_block_device() {
+            return Ok(None);
+        }
+        use std::os::unix::fs::MetadataExt;
+        Ok(Some(self.file.metadata()?.blocks() * 512))
+    }
+
     fn capabilities(&self) -> Capabilities {
         let p = &self.probes;
         let io_alignment = u32::try_from(self.align).unwrap_or(u32::MAX);

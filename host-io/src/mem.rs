@@ -435,6 +435,10 @@ impl Storage for MemStorage {
         Ok(self.lock().data_run(offset, offset.saturating_add(len)))
     }
 
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(Some(self.allocated_bytes()))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             discard: self.opts.discard,

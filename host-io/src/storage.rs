@@ -141,4 +141,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         let _ = offset;
         Ok((true, len))
     }
+
+    /// Bytes the backend actually allocates (a file's `st_blocks * 512`), if it can tell.
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
 }

@@ -5,7 +5,7 @@
 //! instead of being reused.
 
 use crate::error::{corrupt, Error, Result};
-use crate::meta::{HostOpKind, Meta};
+use crate::meta::Meta;
 use crate::policy::FreeReason;
 
 /// A run of allocated host clusters.
@@ -50,7 +50,8 @@ impl Meta {
     fn alloc(&mut self, n: u64, contiguous: bool) -> Result<Vec<Run>> {
         debug_assert!(n > 0);
         self.check_writable()?;
-        // A cluster with a host discard pending is never handed out before it is done.
+        // Queued host operations of this request go first. Deferred discards of freed
+        // clusters stay queued; the clusters handed out below drop theirs.
         self.run_host_ops()?;
         let cbits = self.geo.cluster_bits();
         let max_cluster = qcow2_format::geometry::MAX_HOST_OFFSET >> cbits;
@@ -89,6 +90,9 @@ impl Meta {
             }
             for &(s, k) in &runs {
                 self.update_refcounts(s << cbits, k, 1)?;
+                for c in s..s + k {
+                    self.cancel_deferred_discard(c);
+                }
             }
             let last = runs.last().map(|(s, k)| s + k).unwrap_or(c);
             if !contiguous {
@@ -112,16 +116,11 @@ impl Meta {
     pub(crate) fn free_clusters(&mut self, off: u64, n: u64, reason: FreeReason) -> Result<()> {
         let freed = self.update_refcounts(off, n, -1)?;
         if self.policy.passes(reason) {
-            let cbits = self.geo.cluster_bits();
             for c in freed {
                 // Metadata clusters are punched only once the switch away from them is
-                // durable; guest data may go at once (the guest gave it up).
-                self.queue_host_op(
-                    c << cbits,
-                    1 << cbits,
-                    HostOpKind::Discard,
-                    reason != FreeReason::Request,
-                );
+                // durable; guest data may go at once (the guest gave it up). Deferred: a
+                // cluster allocated again before the discard is issued is not punched.
+                self.defer_discard(c, reason != FreeReason::Request)?;
             }
         }
         Ok(())

@@ -90,6 +90,13 @@ impl Image {
         if !m.read_only {
             m.flush()?;
         }
+        if repair != Repair::None && m.area.header.autoclear_features != 0 {
+            // A repair frees what this library does not count (persistent bitmaps' tables):
+            // drop the autoclear bits first, as the first write does, so that the
+            // extensions naming those clusters are no longer trusted.
+            m.update_header(|h| h.autoclear_features = 0)?;
+            m.sync()?;
+        }
         let mut rep = CheckReport {
             total_clusters: self.virtual_size().div_ceil(self.geo.cluster_size()),
             ..Default::default()
@@ -126,23 +133,29 @@ impl Image {
             bad_entries: Vec::new(),
             bad_l1: Vec::new(),
         };
+        // qemu-img's rule: a region ending a cluster or more past the end of the file is a
+        // corruption and is not counted; one ending less than a cluster past it is counted
+        // (the last cluster may be partly allocated).
         let inc = |r: &mut Refs, rep: &mut CheckReport, off: u64, len: u64, what: &str| {
             if len == 0 {
                 return;
             }
-            let (first, last) = (off / cs, (off + len - 1) / cs);
+            let end = off.saturating_add(len);
+            if end >= file_len.saturating_add(cs) {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR counting reference for region exceeding the end of the file by one \
+                     cluster or more: {what} at offset {off:#x} size {len:#x}"
+                ));
+                return;
+            }
+            let (first, last) = (off / cs, (end - 1) / cs);
+            if r.refs.len() <= last as usize {
+                r.refs.resize(last as usize + 1, 0);
+            }
             for c in first..=last {
-                match r.refs.get_mut(c as usize) {
-                    Some(v) => *v = v.saturating_add(1),
-                    None => {
-                        rep.corruptions += 1;
-                        rep.messages.push(format!(
-                            "ERROR {what} at {:#x} is beyond the end of the image file ({file_len:#x})",
-                            c * cs
-                        ));
-                        return;
-                    }
-                }
+                let v = &mut r.refs[c as usize];
+                *v = v.saturating_add(1);
             }
         };
         let h = m.area.header.clone();
@@ -177,26 +190,38 @@ impl Image {
                 }
             }
         }
-        // Active L1 first (with allocation statistics), then every snapshot's.
-        let mut tables: Vec<(Vec<u64>, u64, bool)> = vec![(m.l1.clone(), h.l1_table_offset, true)];
-        for s in m.snapshots.clone() {
-            let mut buf = vec![0u8; s.l1_size as usize * 8];
-            m.read_host(&mut buf, s.l1_table_offset, "snapshot L1 table")?;
-            tables.push((
-                qcow2_format::l1::decode_table(&buf),
-                s.l1_table_offset,
-                false,
-            ));
-        }
-        let total_l2: u64 = tables
+        // Active L1 first (with allocation statistics), then every snapshot's, one table in
+        // memory at a time: a snapshot's L1 may claim up to 32 MiB. Only the part inside the
+        // file is read (the rest reads as zeros: unallocated entries), so memory and time
+        // stay proportional to the file, not to what the entries claim.
+        let snap_l1s: Vec<(u64, u64)> = m
+            .snapshots
             .iter()
-            .map(|(t, _, _)| t.iter().filter(|&&e| e != 0).count() as u64)
-            .sum();
+            .map(|s| (s.l1_table_offset, u64::from(s.l1_size) * 8))
+            .collect();
+        let read_l1 = |m: &Meta, off: u64, bytes: u64| -> Result<Vec<u64>> {
+            let in_file = bytes.min(file_len.saturating_sub(off)) / 8 * 8;
+            let mut buf = vec![0u8; in_file as usize];
+            m.read_host(&mut buf, off, "snapshot L1 table")?;
+            Ok(qcow2_format::l1::decode_table(&buf))
+        };
+        let nonzero = |t: &[u64]| t.iter().filter(|&&e| e != 0).count() as u64;
+        let mut total_l2 = nonzero(&m.l1);
+        for &(off, bytes) in &snap_l1s {
+            total_l2 += nonzero(&read_l1(m, off, bytes)?);
+        }
         let mut done = 0u64;
         let mut next_contiguous;
         let mut l2buf = vec![0u8; cs as usize];
-        for (l1, l1_off, active) in tables {
-            inc(&mut r, rep, l1_off, l1.len() as u64 * 8, "L1 table");
+        for k in 0..=snap_l1s.len() {
+            let (l1, l1_off, l1_bytes, active) = match k.checked_sub(1) {
+                None => (m.l1.clone(), h.l1_table_offset, m.l1.len() as u64 * 8, true),
+                Some(s) => {
+                    let (off, bytes) = snap_l1s[s];
+                    (read_l1(m, off, bytes)?, off, bytes, false)
+                }
+            };
+            inc(&mut r, rep, l1_off, l1_bytes, "L1 table");
             for (i, &raw) in l1.iter().enumerate() {
                 let e = L1Entry(raw);
                 if e.is_unallocated() && raw == 0 {
@@ -219,9 +244,7 @@ impl Image {
                 inc(&mut r, rep, l2_off, cs, "L2 table");
                 done += 1;
                 progress(done, total_l2);
-                if l2_off + cs > file_len {
-                    continue; // already counted as a corruption
-                }
+                // A table (partly) past the end of the file reads zeros there, as in qemu-img.
                 if let Err(err) = m.storage.read_at(&mut l2buf, l2_off) {
                     rep.check_errors += 1;
                     rep.messages
@@ -280,8 +303,21 @@ impl Image {
         repair: Repair,
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
-        let reach = (m.reftable.len() as u64) << self.geo.refcount_block_bits();
-        let n = (r.refs.len() as u64).max(reach.min(r.refs.len() as u64 + 1));
+        // Clusters of the file (and a counted, partly allocated last one), as qemu-img.
+        let n = r.refs.len() as u64;
+        // A referenced cluster with refcount 0 means the refcount structures must be
+        // rebuilt, which only a full repair does; a leaks-only repair then changes nothing.
+        if repair == Repair::Leaks {
+            for c in 0..n {
+                if r.refs[c as usize] > 0 && matches!(m.refcount(c), Ok(0)) {
+                    rep.check_errors += 1;
+                    return Err(Error::Corrupt(format!(
+                        "cluster {c} is in use but its refcount is 0: the refcount structures \
+                         need to be rebuilt (repair all); nothing was changed"
+                    )));
+                }
+            }
+        }
         let mut highest = 0u64;
         for c in 0..n {
             let want = u64::from(r.refs.get(c as usize).copied().unwrap_or(0));

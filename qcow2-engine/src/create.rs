@@ -80,7 +80,8 @@ pub fn create_on(
         .map_err(|e| Error::TooLarge(e.to_string()))?;
     let cs = geo.cluster_size();
     let l1_entries = geo.l1_entries_for(size);
-    let l1_clusters = geo.clusters_for(l1_entries * 8).max(1);
+    // An empty disk has no L1 table at all (offset 0), as qemu-img makes it.
+    let l1_clusters = geo.clusters_for(l1_entries * 8);
     // Solve for the number of refcount blocks and table clusters that count everything.
     let (mut rt, mut rb) = (1u64, 1u64);
     loop {
@@ -94,7 +95,7 @@ pub fn create_on(
     }
     let rt_off = cs;
     let rb_off = rt_off + rt * cs;
-    let l1_off = rb_off + rb * cs;
+    let l1_off = if l1_entries == 0 { 0 } else { rb_off + rb * cs };
     let total = 1 + rt + rb + l1_clusters;
 
     let mut features = 0u64;
@@ -175,13 +176,14 @@ pub fn create_on(
     storage
         .write_at(&blocks, rb_off)
         .map_err(io("writing the refcount blocks"))?;
-    let l1 = vec![0u8; (l1_entries * 8) as usize];
-    storage
-        .write_at(&l1, l1_off)
-        .map_err(io("writing the L1 table"))?;
-    if l1_entries == 0 {
+    if l1_entries > 0 {
+        let l1 = vec![0u8; (l1_entries * 8) as usize];
         storage
-            .set_len(l1_off + cs)
+            .write_at(&l1, l1_off)
+            .map_err(io("writing the L1 table"))?;
+    } else {
+        storage
+            .set_len(rb_off + rb * cs)
             .or_else(|e| {
                 if storage.capabilities().is_block_device {
                     Ok(())

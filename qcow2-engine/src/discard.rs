@@ -7,7 +7,11 @@
 //! - when a cluster that is already zero-but-allocated is discarded again (or zeroed with
 //!   may-unmap) under an anchoring policy, its host range is still released or anchored
 //!   when it is owned alone, so stale data does not linger (QEMU skips it);
-//! - a discard that changes nothing does not allocate an L2 table (QEMU does).
+//! - a discard that changes nothing does not allocate an L2 table (QEMU does);
+//! - the host discard of a cluster the qcow2 layer freed (refcount 0) is deferred to the
+//!   next flush (or until many are pending) and dropped if the cluster is allocated again
+//!   first: its new data overwrites it, so the punch would only cost time. Clusters kept
+//!   allocated (anchoring, discard-no-unref) are released or anchored at once.
 
 use qcow2_format::l2::{bitmap, BITMAP_ALL_ZEROES, OFLAG_ZERO};
 use qcow2_format::{ClusterKind, L2Entry, SubclusterKind};
@@ -257,7 +261,7 @@ impl Image {
         // Host effect on a cluster that stays allocated and is owned alone (never on one
         // shared with a snapshot): may-unmap requests follow the policy's host layer; plain
         // write-zeroes anchor in provisioning modes so stale data does not linger.
-        let stays_allocated = has_host && !(unmap && !keep);
+        let stays_allocated = has_host && (!unmap || keep);
         let host = if stays_allocated {
             let off = old.host_offset();
             let owned = m.refcount(off >> geo.cluster_bits())? == 1;

@@ -106,6 +106,9 @@ pub struct Image {
     pub(crate) compression: CompressionType,
     pub(crate) read_only: bool,
     pub(crate) closed: std::sync::atomic::AtomicBool,
+    /// Whether the image looks metadata-preallocated (decided at the first block status
+    /// query, as QEMU does): data clusters are then checked for holes in the file.
+    pub(crate) looks_preallocated: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for Image {
@@ -209,6 +212,7 @@ impl Image {
         let policy = d.resolve(m.area.header.version)?;
         if !m.read_only {
             m.run_host_ops()?;
+            m.run_deferred_discards()?;
         }
         m.policy = policy;
         Ok(())

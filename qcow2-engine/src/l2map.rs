@@ -118,12 +118,9 @@ impl Meta {
             self.sync()?;
             self.set_l1_entry(i, L1Entry::new(new, true).0)
         })();
-        if let Err(e) = linked {
-            // Nothing points at the new table: give its cluster back.
-            self.remove_meta(new);
-            let _ = self.free_clusters(new, 1, FreeReason::Never);
-            return Err(e);
-        }
+        // On failure the L1 entry may still have reached the disk (a write can land and
+        // report an error): the table's cluster is kept (a leak at worst), never reused.
+        linked?;
         let slice = self.l2_cache.entry_size();
         for (k, chunk) in content.chunks(slice).enumerate() {
             let off = new + (k * slice) as u64;

@@ -99,7 +99,7 @@ impl Image {
     fn status_at_depth(&self, off: u64, len: u64, depth: u32) -> Result<BlockStatus> {
         let own = self.own_status(off, len, depth)?;
         if own.present {
-            return Ok(own);
+            return self.with_host_holes(own);
         }
         match &self.backing {
             None => Ok(own),
@@ -125,6 +125,60 @@ impl Image {
                 }
             }
         }
+    }
+
+    /// On an image that looks metadata-preallocated, a data range whose host bytes are a
+    /// hole in the file reads zero, and qemu-img map says so (`zero` and `data` both set).
+    /// QEMU asks the file only in that case; so do we, to give the same map.
+    fn with_host_holes(&self, st: BlockStatus) -> Result<BlockStatus> {
+        let Some(host) = st.host_offset else {
+            return Ok(st);
+        };
+        if !st.data || st.zero || !self.looks_preallocated()? {
+            return Ok(st);
+        }
+        let (data, n) = self
+            .storage
+            .data_run(host, st.len)
+            .map_err(Error::io(format!(
+                "querying holes at host offset {host:#x}"
+            )))?;
+        Ok(BlockStatus {
+            len: n.clamp(1, st.len),
+            zero: !data,
+            ..st
+        })
+    }
+
+    /// QEMU's test for metadata preallocation: at least max(10/9 of the allocated clusters,
+    /// allocated + 2) clusters of the file have a refcount. Decided once per open.
+    fn looks_preallocated(&self) -> Result<bool> {
+        if let Some(&v) = self.looks_preallocated.get() {
+            return Ok(v);
+        }
+        let cs = self.geo.cluster_size();
+        let io = |what: &'static str| Error::io(what);
+        let v = match self
+            .storage
+            .allocated_size()
+            .map_err(io("measuring the file"))?
+        {
+            None => false,
+            Some(real) => {
+                let real_clusters = real / cs;
+                let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+                let len = self.storage.len().map_err(io("reading the image length"))?;
+                let mut m = self.lock();
+                let mut count = 0u64;
+                let mut c = 0u64;
+                while c < len.div_ceil(cs) && count < threshold {
+                    count += u64::from(m.refcount(c).unwrap_or(0) > 0);
+                    c += 1;
+                }
+                count >= threshold
+            }
+        };
+        Ok(*self.looks_preallocated.get_or_init(|| v))
     }
 
     /// What this image's own L2 entries say about `[off, off+len)`, merged over as many

@@ -104,7 +104,16 @@ pub(crate) struct Meta {
     pub host_ops_need_sync: bool,
     /// Host operations issued and failed (advisory: counted, not fatal).
     pub host_op_failures: u64,
+    /// Freed clusters (refcount 0) whose host discard is deferred: issued at flush, when
+    /// many are pending, or never if the cluster is allocated again first (its new data
+    /// overwrites it, so punching it would only cost time).
+    pub deferred_discards: std::collections::BTreeSet<u64>,
+    /// A deferred discard frees metadata: the metadata must be durable before it is issued.
+    pub deferred_need_sync: bool,
 }
+
+/// Deferred host discards are issued once this many clusters wait.
+const MAX_DEFERRED_CLUSTERS: usize = 4096;
 
 impl Meta {
     pub(crate) fn cluster_size(&self) -> u64 {
@@ -158,7 +167,10 @@ impl Meta {
         (e > start).then_some((s, e, k))
     }
 
-    /// Refuse (and mark the image corrupt) a write that would land on metadata.
+    /// Refuse (and mark the image corrupt) a write that would land on metadata, or guest
+    /// data (`allowed` is `None`) that would land past the image's clusters: every cluster
+    /// in use lies inside the file or was allocated since open, so an L2 entry pointing
+    /// further is corrupt, and following it would grow the file to whatever it claims.
     pub(crate) fn check_overlap(
         &mut self,
         start: u64,
@@ -166,6 +178,14 @@ impl Meta {
         allowed: Option<MetaKind>,
         what: &str,
     ) -> Result<()> {
+        if allowed.is_none() && start.saturating_add(len) > self.alloc_end {
+            let msg = format!(
+                "preventing {what} write at {start:#x}+{len:#x}: past the end of the image ({:#x})",
+                self.alloc_end
+            );
+            self.mark_corrupt();
+            return Err(corrupt!("{msg}"));
+        }
         if let Some((s, e, k)) = self.overlapping_meta(start, len) {
             if Some(k) == allowed && s <= start && start + len <= e {
                 return Ok(());
@@ -348,6 +368,7 @@ impl Meta {
     pub(crate) fn flush(&mut self) -> Result<()> {
         if !self.read_only {
             self.run_host_ops()?;
+            self.run_deferred_discards()?;
             self.write_back_all()?;
         }
         self.sync()
@@ -438,12 +459,64 @@ impl Meta {
 
     /// Queue a host operation on `[off, off+len)`.
     pub(crate) fn queue_host_op(&mut self, off: u64, len: u64, kind: HostOpKind, needs_sync: bool) {
+        // Past the image's clusters there is nothing to release or anchor (a corrupt
+        // reference may point there; zeroing it would grow the file).
+        let len = len.min(self.alloc_end.saturating_sub(off));
+        if len == 0 {
+            return;
+        }
         self.host_ops.push(HostOp { off, len, kind });
         self.host_ops_need_sync |= needs_sync;
     }
 
     /// Issue queued host operations, merged into ranges. Advisory, as in QEMU: a failure
     /// is counted, the metadata is already right.
+    /// Defer the host discard of a freed cluster.
+    pub(crate) fn defer_discard(&mut self, cluster: u64, needs_sync: bool) -> Result<()> {
+        if (cluster << self.geo.cluster_bits()) >= self.alloc_end {
+            return Ok(());
+        }
+        self.deferred_discards.insert(cluster);
+        self.deferred_need_sync |= needs_sync;
+        if self.deferred_discards.len() >= MAX_DEFERRED_CLUSTERS {
+            self.run_deferred_discards()?;
+        }
+        Ok(())
+    }
+
+    /// A cluster is being allocated again: its deferred discard is dropped.
+    pub(crate) fn cancel_deferred_discard(&mut self, cluster: u64) {
+        self.deferred_discards.remove(&cluster);
+    }
+
+    /// Issue the deferred discards, merged into ranges, after the metadata that freed them
+    /// is durable when that matters.
+    pub(crate) fn run_deferred_discards(&mut self) -> Result<()> {
+        if self.deferred_discards.is_empty() {
+            return Ok(());
+        }
+        if self.deferred_need_sync {
+            self.write_back_all()?;
+            self.sync()?;
+            self.deferred_need_sync = false;
+        }
+        let cbits = self.geo.cluster_bits();
+        let clusters = std::mem::take(&mut self.deferred_discards);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in clusters {
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == c => *n += 1,
+                _ => runs.push((c, 1)),
+            }
+        }
+        for (s, n) in runs {
+            if self.storage.discard(s << cbits, n << cbits).is_err() {
+                self.host_op_failures += 1;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn run_host_ops(&mut self) -> Result<()> {
         if self.host_ops.is_empty() {
             return Ok(());

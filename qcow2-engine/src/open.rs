@@ -100,6 +100,10 @@ impl Image {
         for (i, &raw) in reftable.iter().enumerate() {
             match refcount::reftable_entry(raw, &geo) {
                 Ok(0) => {}
+                // Updating a block there would grow the file to wherever the entry points.
+                Ok(off) if off >= file_len => ranges.problem(format!(
+                    "refcount table entry {i}: refcount block at {off:#x} is past the end of the file ({file_len:#x})"
+                )),
                 Ok(off) => ranges.add(off, cs, MetaKind::RefcountBlock),
                 Err(e) => ranges.problem(format!("refcount table entry {i}: {e}")),
             }
@@ -108,6 +112,10 @@ impl Image {
             let e = L1Entry(raw);
             match e.validate(&geo) {
                 Ok(()) if e.is_unallocated() => {}
+                Ok(()) if e.l2_offset() >= file_len => ranges.problem(format!(
+                    "L1 entry {i}: L2 table at {:#x} is past the end of the file ({file_len:#x})",
+                    e.l2_offset()
+                )),
                 Ok(()) => ranges.add(e.l2_offset(), cs, MetaKind::ActiveL2),
                 Err(err) => ranges.problem(format!("L1 entry {i}: {err}")),
             }
@@ -163,6 +171,8 @@ impl Image {
             host_ops: Vec::new(),
             host_ops_need_sync: false,
             host_op_failures: 0,
+            deferred_discards: Default::default(),
+            deferred_need_sync: false,
             area,
         };
         let dirty = meta.area.header.is_dirty();
@@ -175,6 +185,7 @@ impl Image {
             compression,
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
+            looks_preallocated: std::sync::OnceLock::new(),
         };
         if dirty && !opts.read_only {
             // Refcounts may be stale (lazy refcounts, unclean shutdown): repair as QEMU

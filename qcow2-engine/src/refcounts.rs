@@ -67,6 +67,16 @@ impl Meta {
                     c * self.cluster_size()
                 ));
             }
+            if v == 0 && delta < 0 && self.is_active_l2_table(c) {
+                // Another reference to a cluster the active L1 uses as an L2 table (a
+                // refcount too low for its references): freeing it would let the
+                // allocator hand the table out as a data cluster.
+                self.mark_corrupt();
+                return Err(corrupt!(
+                    "cluster {:#x} is an L2 table in use, but dropping another reference to it would free it",
+                    c * self.cluster_size()
+                ));
+            }
             new.push(v);
         }
         self.set_dep(if delta > 0 {
@@ -84,6 +94,16 @@ impl Meta {
             }
         }
         Ok(freed)
+    }
+
+    /// Whether host cluster index `c` holds an L2 table that the active L1 points at.
+    fn is_active_l2_table(&self, c: u64) -> bool {
+        let off = c << self.geo.cluster_bits();
+        matches!(self.overlapping_meta(off, self.cluster_size()), Some((s, _, MetaKind::ActiveL2)) if s == off)
+            && self.l1.iter().any(|&e| {
+                let e = qcow2_format::L1Entry(e);
+                !e.is_unallocated() && e.l2_offset() == off
+            })
     }
 
     /// A cluster's refcount reached zero: it may be reused, and any cached copy of it as
@@ -135,6 +155,7 @@ impl Meta {
         }
         let cs = self.cluster_size();
         let off = c * cs;
+        self.cancel_deferred_discard(c);
         if let Some((s, e, k)) = self.overlapping_meta(off, cs) {
             return Err(corrupt!(
                 "refcount block placement at {off:#x} overlaps {k:?} at {s:#x}..{e:#x} (cluster in use without a refcount)"
@@ -148,12 +169,18 @@ impl Meta {
             1,
         )?;
         self.add_meta(off, cs, MetaKind::RefcountBlock);
-        self.write_host(
+        // The cluster may hold bytes from here on, whatever happens.
+        self.alloc_end = self.alloc_end.max(off + cs);
+        if let Err(e) = self.write_host(
             &block,
             off,
             Some(MetaKind::RefcountBlock),
             "new refcount block",
-        )?;
+        ) {
+            // Not linked: the range is free space again, not metadata.
+            self.remove_meta(off);
+            return Err(e);
+        }
         let entry_off = self.area.header.refcount_table_offset + ti * 8;
         let linked = self.sync().and_then(|()| {
             self.write_host(
@@ -208,6 +235,9 @@ impl Meta {
             nb = missing.len() as u64;
         };
         let end = start + clusters + nb;
+        for c in start..end {
+            self.cancel_deferred_discard(c);
+        }
         if (end >> bbits) >= entries {
             return Err(Error::TooLarge(
                 "refcount table growth does not cover its own area".into(),
@@ -241,23 +271,36 @@ impl Meta {
                 refcount::set(data, idx, order, 1)?;
             }
         }
+        // From here the area holds bytes even if a write fails: never treat it as fresh
+        // (known-zero) space, and retry growth past it.
+        self.alloc_end = self.alloc_end.max(end << cbits);
         // Durable order: existing blocks and new blocks and new table, sync, header, sync.
-        self.write_back(Which::Refcount)?;
-        for (i, (_, b)) in new_blocks.iter().enumerate() {
-            let off = (start + clusters + i as u64) << cbits;
-            self.add_meta(off, cs, MetaKind::RefcountBlock);
-            self.write_host(b, off, Some(MetaKind::RefcountBlock), "new refcount block")?;
-        }
         let table_off = start << cbits;
-        self.add_meta(table_off, clusters * cs, MetaKind::RefcountTable);
-        let raw = qcow2_format::l1::encode_table(&table);
-        self.write_host(
-            &raw,
-            table_off,
-            Some(MetaKind::RefcountTable),
-            "new refcount table",
-        )?;
-        self.sync()?;
+        let written = (|| -> Result<()> {
+            self.write_back(Which::Refcount)?;
+            for (i, (_, b)) in new_blocks.iter().enumerate() {
+                let off = (start + clusters + i as u64) << cbits;
+                self.add_meta(off, cs, MetaKind::RefcountBlock);
+                self.write_host(b, off, Some(MetaKind::RefcountBlock), "new refcount block")?;
+            }
+            self.add_meta(table_off, clusters * cs, MetaKind::RefcountTable);
+            let raw = qcow2_format::l1::encode_table(&table);
+            self.write_host(
+                &raw,
+                table_off,
+                Some(MetaKind::RefcountTable),
+                "new refcount table",
+            )?;
+            self.sync()
+        })();
+        if let Err(e) = written {
+            // Nothing links the new area; its clusters may be reused (not as fresh space).
+            self.remove_meta(table_off);
+            for i in 0..new_blocks.len() as u64 {
+                self.remove_meta((start + clusters + i) << cbits);
+            }
+            return Err(e);
+        }
         let old_off = self.area.header.refcount_table_offset;
         let old_clusters = u64::from(self.area.header.refcount_table_clusters);
         if let Err(e) = self.update_header(|h| {

@@ -42,7 +42,8 @@ impl Image {
             let bytes = need as u64 * 8;
             let clusters = geo.clusters_for(bytes);
             let new_off = m.alloc_contiguous(clusters)?;
-            m.add_meta(new_off, bytes, MetaKind::ActiveL1);
+            // The whole clusters: the table is written with its zero padding.
+            m.add_meta(new_off, clusters * cs, MetaKind::ActiveL1);
             // The new table's refcounts, then its content, must be durable before the
             // header points at it.
             m.write_back(Which::Refcount)?;

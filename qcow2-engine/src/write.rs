@@ -285,6 +285,12 @@ impl Image {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let full = p.a == 0 && p.b == cs;
+        if p.reuse.is_some() {
+            // Rewriting a cluster in place while its entry changes (e.g. zero-allocated to
+            // data): the old bytes (stale, pre-zeroing) must not become visible through a
+            // new entry that reaches the disk before the data does.
+            m.l2_needs_sync = true;
+        }
         let old_is_zero = match p.kind {
             ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc { .. } => true,
             ClusterKind::Unallocated => self.backing.is_none(),

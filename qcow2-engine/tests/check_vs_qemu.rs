@@ -1,0 +1,139 @@
+//! The engine's check against `qemu-img check` on damaged images where the two once
+//! disagreed: truncated files (references past the end of the file), a referenced cluster
+//! with refcount 0 under a leaks-only repair (qemu-img refuses and changes nothing), and
+//! an empty (0-byte) disk, which has no L1 table.
+
+mod support;
+
+use qcow2_engine::{CreateOptions, Image, OpenOptions, Repair};
+use support::*;
+
+/// (corruptions, leaks, image end offset, exit code) from qemu-img check --output=json.
+fn qemu_counts(p: &std::path::Path) -> (u64, u64, u64, i32) {
+    let (code, out, _) = qemu_img_status(&["check", "--output=json", p.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    (n("corruptions"), n("leaks"), n("image-end-offset"), code)
+}
+
+fn engine_counts(p: &std::path::Path) -> (u64, u64, u64, i32) {
+    let ro = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let img = Image::open(p, &ro).expect("open read-only");
+    let r = img.check(Repair::None).expect("check");
+    (r.corruptions, r.leaks, r.image_end_offset, r.exit_code())
+}
+
+fn truncated(len: u64) {
+    let d = TempDir::new("chk-trunc");
+    let p = d.path("t.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
+    qemu_io(&[], &p, &["write -P 1 0 1M".to_string()]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    let q = qemu_counts(&p);
+    let e = engine_counts(&p);
+    assert!(q.0 > 0, "the damage must be visible to qemu-img: {q:?}");
+    assert_eq!(
+        e, q,
+        "engine (corruptions, leaks, end, exit) vs qemu-img at length {len}"
+    );
+}
+
+#[test]
+fn truncated_past_the_data_clusters_matches_qemu_img() {
+    // Data clusters start at 0x50000: all sixteen lie a cluster or more past the end.
+    truncated(300_000);
+}
+
+#[test]
+fn truncated_past_the_l2_table_matches_qemu_img() {
+    // The L2 table at 0x40000 is itself more than a cluster past the end.
+    truncated(200_000);
+}
+
+#[test]
+fn leaks_only_repair_refuses_when_refcounts_need_a_rebuild() {
+    let d = TempDir::new("chk-rebuild");
+    let p = d.path("r.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
+    qemu_io(&[], &p, &["write -P 7 0 64k".to_string()]);
+    // The data cluster is at 0x50000, counted by the first refcount block at 0x20000
+    // (16-bit refcounts): entry 5. Zero it, and add a leaked cluster at the end.
+    let rb = file_be64(&p, 0x10000);
+    assert_eq!(rb, 0x20000);
+    patch_file(&p, rb + 5 * 2, &[0, 0]);
+    let len = std::fs::metadata(&p).unwrap().len();
+    patch_file(&p, rb + (len / 0x10000) * 2, &[0, 1]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len + 0x10000)
+        .unwrap();
+    let before = std::fs::read(&p).unwrap();
+    let img = Image::open(&p, &OpenOptions::default()).expect("open");
+    let err = img
+        .check(Repair::Leaks)
+        .expect_err("a leaks-only repair must refuse");
+    assert!(err.to_string().contains("rebuilt"), "{err}");
+    drop(img);
+    // The header's dirty/autoclear state aside, nothing was repaired: qemu-img agrees the
+    // refcount is still 0 and the leak is still there.
+    // qemu-img: the refcount-0 cluster and its wrong COPIED flag (2), the leak (1).
+    let q = qemu_counts(&p);
+    assert_eq!((q.0, q.1), (2, 1), "{q:?}");
+    let e = engine_counts(&p);
+    assert_eq!((e.0, e.1), (q.0, q.1), "engine vs qemu-img");
+    let (code, _, err) = qemu_img_status(&["check", "-r", "leaks", ps]);
+    assert_eq!(code, 1, "qemu-img refuses the same way: {err}");
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(before.len(), after.len());
+    // A full repair fixes both, keeping the data.
+    let img = Image::open(&p, &OpenOptions::default()).expect("open");
+    let r = img.check(Repair::All).expect("repair all");
+    assert_eq!(r.exit_code(), 0, "{r:?}");
+    img.close().unwrap();
+    assert_check_clean(&p);
+    qemu_io(&[], &p, &["read -P 7 0 64k".to_string()]);
+}
+
+#[test]
+fn an_empty_disk_has_no_l1_table_and_can_grow() {
+    let d = TempDir::new("chk-empty");
+    let ours = d.path("ours.qcow2");
+    let theirs = d.path("theirs.qcow2");
+    let co = CreateOptions {
+        size: Some(0),
+        ..Default::default()
+    };
+    qcow2_engine::create(&ours, &co).expect("create");
+    qemu_img(&["create", "-q", "-f", "qcow2", theirs.to_str().unwrap(), "0"]);
+    assert_check_clean(&ours);
+    assert_eq!(file_be64(&ours, 40), 0, "l1_table_offset of an empty disk");
+    assert_eq!(
+        std::fs::metadata(&ours).unwrap().len(),
+        std::fs::metadata(&theirs).unwrap().len()
+    );
+    let img = Image::open(&ours, &OpenOptions::default()).expect("open");
+    img.resize(1 << 20).expect("grow");
+    img.write_at(&[9u8; 4096], 4096).expect("write");
+    img.close().unwrap();
+    assert_check_clean(&ours);
+    qemu_io(
+        &[],
+        &ours,
+        &[
+            "read -P 9 4096 4096".to_string(),
+            "read -P 0 0 4096".to_string(),
+        ],
+    );
+}
