@@ -115,6 +115,10 @@ impl Meta {
     /// reaches zero are queued for a host discard if the policy passes `reason` down.
     pub(crate) fn free_clusters(&mut self, off: u64, n: u64, reason: FreeReason) -> Result<()> {
         let freed = self.update_refcounts(off, n, -1)?;
+        if !freed.is_empty() {
+            self.free_gen
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         if self.policy.passes(reason) {
             for c in freed {
                 // Metadata clusters are punched only once the switch away from them is

@@ -87,6 +87,10 @@ impl Image {
             return Err(Error::ReadOnly("repair needs a read-write image".into()));
         }
         let mut m = self.lock();
+        if repair != Repair::None {
+            // Repairs may free or move clusters: optimistic readers must re-resolve.
+            m.free_gen.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         if !m.read_only {
             m.flush()?;
         }
@@ -342,7 +346,13 @@ impl Image {
                     "Leaked cluster {c} refcount={have} reference={want}"
                 ));
                 if repair != Repair::None && m.refblock_for(c)? != 0 {
-                    m.update_refcounts(c * cs, 1, want as i64 - have as i64)?;
+                    // A 64-bit refcount may exceed i64::MAX: drop it in steps.
+                    let mut excess = have - want;
+                    while excess > 0 {
+                        let step = excess.min(i64::MAX as u64);
+                        m.update_refcounts(c * cs, 1, -(step as i64))?;
+                        excess -= step;
+                    }
                     rep.leaks_fixed += 1;
                     rep.messages.push(format!(
                         "Repairing cluster {c} refcount={have} reference={want}"

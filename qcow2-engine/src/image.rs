@@ -109,6 +109,8 @@ pub struct Image {
     /// Whether the image looks metadata-preallocated (decided at the first block status
     /// query, as QEMU does): data clusters are then checked for holes in the file.
     pub(crate) looks_preallocated: std::sync::OnceLock<bool>,
+    /// Shared with the metadata: see `Meta::free_gen`.
+    pub(crate) free_gen: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Image {

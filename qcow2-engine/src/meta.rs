@@ -110,6 +110,9 @@ pub(crate) struct Meta {
     pub deferred_discards: std::collections::BTreeSet<u64>,
     /// A deferred discard frees metadata: the metadata must be durable before it is issued.
     pub deferred_need_sync: bool,
+    /// Bumped whenever a cluster's refcount drops to zero (it may then be reused). Readers
+    /// resolve under the lock, read without it, and retry if this moved meanwhile.
+    pub free_gen: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Deferred host discards are issued once this many clusters wait.

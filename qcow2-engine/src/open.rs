@@ -149,6 +149,7 @@ impl Image {
             }
             _ => None,
         };
+        let free_gen = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let meta = Meta {
             storage: storage.clone(),
             geo,
@@ -173,6 +174,7 @@ impl Image {
             host_op_failures: 0,
             deferred_discards: Default::default(),
             deferred_need_sync: false,
+            free_gen: free_gen.clone(),
             area,
         };
         let dirty = meta.area.header.is_dirty();
@@ -186,6 +188,7 @@ impl Image {
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
             looks_preallocated: std::sync::OnceLock::new(),
+            free_gen,
         };
         if dirty && !opts.read_only {
             // Refcounts may be stale (lazy refcounts, unclean shutdown): repair as QEMU

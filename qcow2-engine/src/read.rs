@@ -124,10 +124,26 @@ impl Image {
     }
 
     /// Read guest bytes at `off`. Data I/O runs without the metadata lock.
+    ///
+    /// Optimistic first: resolve under the lock, read without it, and accept the result if
+    /// no cluster was freed meanwhile (a freed cluster could have been reused, so the bytes
+    /// read might be someone else's). After a few such races, pin the clusters instead.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        use std::sync::atomic::Ordering;
         self.check_range(off, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
+        }
+        for _ in 0..3 {
+            let (exts, gen) = {
+                let mut m = self.lock();
+                let exts = self.resolve(&mut m, off, buf.len() as u64)?;
+                (exts, self.free_gen.load(Ordering::Acquire))
+            };
+            let r = self.read_extents(&exts, buf, off);
+            if self.free_gen.load(Ordering::Acquire) == gen {
+                return r;
+            }
         }
         let pinned;
         let exts;
