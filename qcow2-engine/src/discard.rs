@@ -227,7 +227,7 @@ impl Image {
     fn zero_or_discard_cluster(&self, m: &mut Meta, g: u64, op: ClusterOp) -> Result<()> {
         let geo = self.geo;
         let v3 = m.area.header.version >= 3;
-        let (old, kind, slot) = m.l2_kind(g)?;
+        let (old, kind, _) = m.l2_kind(g)?;
         let compressed = matches!(kind, ClusterKind::Compressed(_));
         let allocated = matches!(
             kind,
@@ -278,7 +278,6 @@ impl Image {
         } else {
             None
         };
-        let _ = slot;
         if new != old {
             // Allocates the L2 table, or copies one shared with a snapshot, if needed.
             let slot = m.l2_slot_for_write(g)?;

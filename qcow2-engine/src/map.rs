@@ -64,12 +64,12 @@ impl Image {
     /// The status of the range starting at `off`, up to `len` bytes (clipped to the image):
     /// the returned `len` says how far the same status extends.
     pub fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus> {
-        self.check_range(off, len.min(1))?;
-        if len == 0 || off >= self.virtual_size() {
+        if len == 0 {
             return Err(crate::error::invalid_arg!(
                 "block status of an empty range at {off:#x}"
             ));
         }
+        self.check_range(off, 1)?;
         let len = len.min(self.virtual_size() - off);
         self.status_at_depth(off, len, 0)
     }

@@ -145,6 +145,11 @@ impl Image {
                 return r;
             }
         }
+        self.read_pinned(buf, off)
+    }
+
+    /// Read with the host clusters pinned against reuse for the duration of the I/O.
+    fn read_pinned(&self, buf: &mut [u8], off: u64) -> Result<()> {
         let pinned;
         let exts;
         {

@@ -197,7 +197,6 @@ impl Meta {
         }
         self.reftable[ti as usize] = off;
         self.install(Which::Refcount, off, block, false)?;
-        self.alloc_end = self.alloc_end.max(off + cs);
         Ok(())
     }
 

@@ -29,21 +29,13 @@ pub enum Op {
     Discard { off: u64, len: u64 },
 }
 
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// The workload's requests for `seed`.
 pub fn ops(seed: u64) -> Vec<Op> {
-    let mut s = seed;
+    let mut rng = host_io::SplitMix64::new(seed);
     let n = VSIZE / CLUSTER;
     let mut order: Vec<u64> = (0..n).collect();
     for i in (1..order.len()).rev() {
-        let j = (splitmix(&mut s) % (i as u64 + 1)) as usize;
+        let j = rng.below(i as u64 + 1) as usize;
         order.swap(i, j);
     }
     let mut out: Vec<Op> = order
@@ -56,7 +48,7 @@ pub fn ops(seed: u64) -> Vec<Op> {
         .collect();
     let slots = (VSIZE - CHUNK) / CLUSTER + 1;
     for r in 0..ROUNDS {
-        let off = (splitmix(&mut s) % slots) * CLUSTER;
+        let off = rng.below(slots) * CLUSTER;
         out.push(Op::Discard { off, len: CHUNK });
         out.push(Op::Write {
             off,
