@@ -1,6 +1,6 @@
 //! Consistency check with qemu-img check's rules and counters: count every reference the
 //! metadata makes (header, tables, L2 tables, data, compressed ranges, refcount
-//! structures) and compare with the stored refcounts; check COPIED flags and entries.
+//! structures, persistent bitmaps) and compare with the stored refcounts; check COPIED flags and entries.
 //! Memory is one u32 per host cluster of the file; L2 tables are read one at a time.
 
 use qcow2_format::l2::OFLAG_COPIED;
@@ -95,11 +95,25 @@ impl Image {
             m.flush()?;
         }
         if repair != Repair::None && m.area.header.autoclear_features != 0 {
-            // A repair frees what this library does not count (persistent bitmaps' tables):
-            // drop the autoclear bits first, as the first write does, so that the
-            // extensions naming those clusters are no longer trusted.
-            m.update_header(|h| h.autoclear_features = 0)?;
-            m.sync()?;
+            // Sound persistent bitmaps are counted and survive a repair (it changes no
+            // guest data). Anything else an autoclear bit vouches for is dropped first,
+            // as the first write does, so that a repair frees its clusters as leaks and
+            // nothing still trusts it afterwards.
+            let file_len = m
+                .storage
+                .len()
+                .map_err(Error::io("reading the image length"))?;
+            let mut probe = CheckReport::default();
+            crate::check_bitmaps::bitmap_regions(&m, &mut probe, file_len)?;
+            let keep = if probe.corruptions == 0 {
+                qcow2_format::features::autoclear::BITMAPS
+            } else {
+                0
+            };
+            if m.area.header.autoclear_features & !keep != 0 {
+                m.update_header(|h| h.autoclear_features &= keep)?;
+                m.sync()?;
+            }
         }
         let mut rep = CheckReport {
             total_clusters: self.virtual_size().div_ceil(self.geo.cluster_size()),
@@ -181,6 +195,9 @@ impl Image {
                 .sum();
             inc(&mut r, rep, h.snapshots_offset, len, "snapshot table");
         }
+        for (off, len, what) in crate::check_bitmaps::bitmap_regions(m, rep, file_len)? {
+            inc(&mut r, rep, off, len, what);
+        }
         for (i, &raw) in m.reftable.clone().iter().enumerate() {
             match refcount::reftable_entry(raw, &geo) {
                 Ok(0) => {}
@@ -231,7 +248,10 @@ impl Image {
                 if e.is_unallocated() && raw == 0 {
                     continue;
                 }
-                if let Err(err) = e.validate(&geo) {
+                // A damaged entry is reported and, as qemu-img does, its table is still
+                // walked and counted (masked offset); a repair drops the entry, so its
+                // table's entries are never repaired in place.
+                let sound = e.validate(&geo).map_err(|err| {
                     rep.corruptions += 1;
                     rep.messages.push(format!(
                         "ERROR L1 entry {i} ({raw:#x}): {err}; L1 entry corrupted"
@@ -239,8 +259,7 @@ impl Image {
                     if active {
                         r.bad_l1.push(i);
                     }
-                    continue;
-                }
+                });
                 if e.is_unallocated() {
                     continue;
                 }
@@ -259,17 +278,26 @@ impl Image {
                 next_contiguous = 0;
                 for j in 0..geo.l2_entries() as usize {
                     let entry = L2Entry::read(&l2buf, j, &geo);
-                    match entry.kind(&geo) {
-                        Err(err) => {
-                            rep.corruptions += 1;
-                            rep.messages.push(format!(
-                                "ERROR L2 entry {j} of table {l2_off:#x} ({:#x}): {err}",
-                                entry.word
-                            ));
-                            if active {
-                                r.bad_entries.push((l2_off, j));
-                            }
+                    let kind = entry.kind(&geo).or_else(|err| {
+                        rep.corruptions += 1;
+                        rep.messages.push(format!(
+                            "ERROR L2 entry {j} of table {l2_off:#x} ({:#x}): {err}",
+                            entry.word
+                        ));
+                        if active && sound.is_ok() {
+                            r.bad_entries.push((l2_off, j));
                         }
+                        // qemu-img still counts the cluster a damaged uncompressed entry
+                        // names (masked offset), not a damaged compressed one.
+                        match entry.host_offset() {
+                            o if o != 0 && !entry.is_compressed() => {
+                                Ok(ClusterKind::Normal { offset: o })
+                            }
+                            _ => Err(()),
+                        }
+                    });
+                    match kind {
+                        Err(()) => {}
                         Ok(ClusterKind::Compressed(d)) => {
                             let (s, end) = d.host_range();
                             inc(&mut r, rep, s, end - s, "compressed cluster");
@@ -369,7 +397,7 @@ impl Image {
         let geo = self.geo;
         for i in 0..m.l1.len() {
             let e = L1Entry(m.l1[i]);
-            if e.is_unallocated() || e.validate(&geo).is_err() {
+            if e.is_unallocated() || e.validate(&geo).is_err() || i >= m.l1_past_eof {
                 continue;
             }
             let rc = m.refcount(e.l2_offset() >> geo.cluster_bits())?;
@@ -383,6 +411,9 @@ impl Image {
                     m.set_l1_entry(i, L1Entry::new(e.l2_offset(), rc == 1).0)?;
                     rep.corruptions_fixed += 1;
                 }
+            }
+            if e.l2_offset() >= m.alloc_end {
+                continue; // a table past the end of the file was reported while counting
             }
             let table_owned = rc == 1;
             for j in 0..geo.l2_entries() {

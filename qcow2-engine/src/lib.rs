@@ -15,6 +15,7 @@ mod alloc;
 mod backing;
 mod cache;
 mod check;
+mod check_bitmaps;
 mod compress;
 mod create;
 mod discard;

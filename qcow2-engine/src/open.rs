@@ -68,32 +68,41 @@ impl Image {
         let h = &area.header;
         refuse_unsupported(h, opts.read_only)?;
 
-        let within = |what: &str, off: u64, len: u64| -> Result<()> {
-            match off.checked_add(len) {
-                Some(end) if end <= file_len => Ok(()),
-                _ => Err(corrupt!(
+        // A table running past the end of the file refuses a read/write open. Read-only
+        // (so that check can report it as qemu-img does) the missing part reads as zeros:
+        // the sizes are bounded by QEMU's limits (32 MiB L1, 8 MiB refcount table), and
+        // only the part inside the file is read.
+        let mut ranges = MetaMap::default();
+        let mut read_table = |what: &str, off: u64, len: u64| -> Result<Vec<u64>> {
+            let end = off.checked_add(len).filter(|&e| e <= file_len);
+            if end.is_none() {
+                let p = format!(
                     "{what} at {off:#x} (+{len:#x} bytes) extends past the end of the file ({file_len:#x})"
-                )),
+                );
+                if !opts.read_only {
+                    return Err(corrupt!("{p}"));
+                }
+                ranges.problem(p);
             }
+            let mut buf = vec![0u8; len as usize];
+            let n = len.min(file_len.saturating_sub(off)) as usize;
+            storage
+                .read_at(&mut buf[..n], off)
+                .map_err(Error::io_lazy(|| format!("reading the {what}")))?;
+            Ok(decode_table(&buf))
         };
         let l1_bytes = u64::from(h.l1_size) * 8;
-        within("L1 table", h.l1_table_offset, l1_bytes)?;
+        let l1 = read_table("L1 table", h.l1_table_offset, l1_bytes)?;
+        let l1_in_file = file_len.saturating_sub(h.l1_table_offset) / 8;
+        let l1_past_eof = if l1_in_file < l1.len() as u64 {
+            l1_in_file as usize
+        } else {
+            usize::MAX // all of it: the table may grow later
+        };
         let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
-        within("refcount table", h.refcount_table_offset, rt_bytes)?;
-
-        let mut buf = vec![0u8; l1_bytes as usize];
-        storage
-            .read_at(&mut buf, h.l1_table_offset)
-            .map_err(Error::io("reading the L1 table"))?;
-        let l1 = decode_table(&buf);
-        let mut buf = vec![0u8; rt_bytes as usize];
-        storage
-            .read_at(&mut buf, h.refcount_table_offset)
-            .map_err(Error::io("reading the refcount table"))?;
-        let reftable = decode_table(&buf);
+        let reftable = read_table("refcount table", h.refcount_table_offset, rt_bytes)?;
         let snapshots = read_snapshots(&*storage, h, &geo, file_len)?;
 
-        let mut ranges = MetaMap::default();
         ranges.add(0, cs, MetaKind::Header);
         ranges.add(h.l1_table_offset, l1_bytes, MetaKind::ActiveL1);
         ranges.add(h.refcount_table_offset, rt_bytes, MetaKind::RefcountTable);
@@ -167,6 +176,7 @@ impl Image {
             snapshots,
             corrupt: false,
             first_write_done: false,
+            l1_past_eof,
             dirty_set_by_us: false,
             policy: opts.discard.resolve(h.version)?,
             host_ops: Vec::new(),

@@ -98,6 +98,16 @@ pub enum FormatError {
         /// What is wrong.
         reason: String,
     },
+    /// A bitmap directory entry is malformed.
+    #[error("bitmap directory entry {index} at byte {at}: {reason}")]
+    BadBitmap {
+        /// The entry's index.
+        index: usize,
+        /// Its byte offset inside the directory.
+        at: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// An extended L2 bitmap is invalid for its entry.
     #[error("invalid extended L2 bitmap {bitmap:#018x} for entry {entry:#018x}: {reason}")]
     BadSubclusterBitmap {

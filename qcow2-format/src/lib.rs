@@ -9,12 +9,14 @@
 //! - [`l1`], [`l2`], [`compressed`]: table entries and the cluster/subcluster kinds;
 //! - [`refcount`]: refcount table entries and blocks of 1 to 64 bits;
 //! - [`snapshot`]: internal snapshot table entries;
+//! - [`bitmaps`]: the persistent bitmap directory and bitmap table entries;
 //! - [`geometry`]: index math and the limits QEMU enforces.
 //!
 //! A hostile input never panics and never makes this crate allocate in proportion to a
 //! size field it has not checked against the buffer it was given.
 #![forbid(unsafe_code)]
 
+pub mod bitmaps;
 mod bytes;
 pub mod compressed;
 pub mod error;
