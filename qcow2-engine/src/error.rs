@@ -21,7 +21,7 @@ pub enum Error {
     #[error("invalid image: {0}")]
     Format(#[from] FormatError),
     /// The image is inconsistent in a way found during I/O (it gets the corrupt bit).
-    #[error("image is corrupt: {0}; run 'qemu-img check -r all' (or qcowprov check with repair)")]
+    #[error("image is corrupt: {0}; repair it with 'qemu-img check -r all'")]
     Corrupt(String),
     /// A feature this library does not implement.
     #[error("not supported: {0}")]
@@ -57,6 +57,15 @@ impl Error {
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
         let context = context.into();
         move |source| Error::Io { context, source }
+    }
+
+    /// As [`Error::io`], formatting the context only if there is an error: on hot paths
+    /// an eager `format!` costs more than the rest of a cached 4 KiB read.
+    pub(crate) fn io_lazy(context: impl FnOnce() -> String) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Io {
+            context: context(),
+            source,
+        }
     }
 }
 

@@ -28,6 +28,11 @@ impl Meta {
             .l1
             .get(i)
             .ok_or_else(|| corrupt!("guest offset {guest:#x} is beyond the L1 table"))?;
+        if i >= self.l1_past_eof {
+            return Err(corrupt!(
+                "L1 entry {i} (guest offset {guest:#x}) lies past the end of the file"
+            ));
+        }
         let e = L1Entry(raw);
         e.validate(&self.geo)
             .map_err(|err| corrupt!("L1 entry {i}: {err}"))?;
@@ -59,6 +64,10 @@ impl Meta {
             return Ok((L2Entry::UNALLOCATED, None));
         }
         let slot = self.slot_for(l1.l2_offset(), guest);
+        // A hit costs one lookup; only a miss goes through `load`.
+        if let Some(data) = self.l2_cache.get(slot.slice) {
+            return Ok((L2Entry::read(data, slot.index, &self.geo), Some(slot)));
+        }
         self.load(Which::L2, slot.slice)?;
         let data = self.l2_cache.get(slot.slice).expect("loaded");
         Ok((L2Entry::read(data, slot.index, &self.geo), Some(slot)))

@@ -75,6 +75,9 @@ pub(crate) struct Meta {
     pub read_only: bool,
     /// Active L1 table, raw entries.
     pub l1: Vec<u64>,
+    /// Entries from this index on lie past the end of the file (read-only opens of a
+    /// damaged image only): lookups there fail instead of reading as unallocated.
+    pub l1_past_eof: usize,
     /// Refcount table, raw entries.
     pub reftable: Vec<u64>,
     pub l2_cache: TableCache,
@@ -127,7 +130,7 @@ impl Meta {
     pub(crate) fn read_host(&self, buf: &mut [u8], off: u64, what: &str) -> Result<()> {
         self.storage
             .read_at(buf, off)
-            .map_err(Error::io(format!("reading {what} at {off:#x}")))
+            .map_err(Error::io_lazy(|| format!("reading {what} at {off:#x}")))
     }
 
     /// Write bytes to the host after checking that they do not land on metadata other than
@@ -142,7 +145,7 @@ impl Meta {
         self.check_overlap(off, buf.len() as u64, allowed, what)?;
         self.storage
             .write_at(buf, off)
-            .map_err(Error::io(format!("writing {what} at {off:#x}")))
+            .map_err(Error::io_lazy(|| format!("writing {what} at {off:#x}")))
     }
 
     pub(crate) fn sync(&self) -> Result<()> {
@@ -241,6 +244,11 @@ impl Meta {
             Which::L2 => "L2 table",
             Which::Refcount => "refcount block",
         };
+        // Only a damaged image opened read-only names a table there (read/write opens
+        // refuse it): reading it as zeros would hide the damage.
+        if off >= self.alloc_end {
+            return Err(corrupt!("{what} at {off:#x} is past the end of the file"));
+        }
         self.read_host(&mut buf, off, what)?;
         self.make_room(w)?;
         self.cache(w).insert(off, buf, false);
