@@ -36,9 +36,9 @@ impl Backing {
         }
         match self {
             Backing::Qcow2(img) => img.read_at(head, off),
-            Backing::Raw(s, _) => s
-                .read_at(head, off)
-                .map_err(Error::io(format!("reading raw backing file at {off:#x}"))),
+            Backing::Raw(s, _) => s.read_at(head, off).map_err(Error::io_lazy(|| {
+                format!("reading raw backing file at {off:#x}")
+            })),
         }
     }
 
@@ -76,10 +76,9 @@ pub(crate) fn open_backing(
         ));
     }
     let path = resolve(name, image_dir);
-    let canon = std::fs::canonicalize(&path).map_err(Error::io(format!(
-        "opening backing file '{}'",
-        path.display()
-    )))?;
+    let canon = std::fs::canonicalize(&path).map_err(Error::io_lazy(|| {
+        format!("opening backing file '{}'", path.display())
+    }))?;
     if chain.contains(&canon) {
         return Err(invalid_arg!(
             "backing chain loop: '{}' is already in the chain",
@@ -90,10 +89,9 @@ pub(crate) fn open_backing(
         &canon,
         &FileOptions::new().read_only(true).direct(opts.direct),
     )
-    .map_err(Error::io(format!(
-        "opening backing file '{}'",
-        canon.display()
-    )))?;
+    .map_err(Error::io_lazy(|| {
+        format!("opening backing file '{}'", canon.display())
+    }))?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let fmt = match fmt {
         Some(f) => std::str::from_utf8(f).unwrap_or("").to_string(),

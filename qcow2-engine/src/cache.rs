@@ -94,30 +94,34 @@ impl TableCache {
 
     /// Look up an entry and mark it recently used.
     pub(crate) fn get(&mut self, off: u64) -> Option<&[u8]> {
-        if !self.slots.contains_key(&off) {
-            return None;
-        }
-        let t = self.touch(off);
-        let s = self.slots.get_mut(&off).expect("present");
-        s.used = t;
-        Some(&s.data[..])
+        self.use_slot(off, false).map(|s| &s.data[..])
     }
 
     /// Look up an entry for modification; marks it dirty.
     pub(crate) fn get_mut(&mut self, off: u64) -> Option<&mut [u8]> {
-        if !self.slots.contains_key(&off) {
-            return None;
+        self.use_slot(off, true).map(|s| &mut s.data[..])
+    }
+
+    /// One hash lookup per use. A use of the entry that is already the most recent one
+    /// (sequential I/O within one slice) records nothing new.
+    fn use_slot(&mut self, off: u64, dirty: bool) -> Option<&mut Slot> {
+        if self.order.len() > 4 * self.capacity + 16 {
+            self.compact();
         }
-        let t = self.touch(off);
-        let s = self.slots.get_mut(&off).expect("present");
-        s.used = t;
-        if !s.dirty {
+        let s = self.slots.get_mut(&off)?;
+        if s.used != self.tick {
+            self.tick += 1;
+            s.used = self.tick;
+            self.order.push_back((self.tick, off));
+        }
+        if dirty && !s.dirty {
             s.dirty = true;
             self.dirty += 1;
         }
-        Some(&mut s.data[..])
+        Some(s)
     }
 
+    /// Whether an entry is cached (no LRU effect).
     pub(crate) fn contains(&self, off: u64) -> bool {
         self.slots.contains_key(&off)
     }

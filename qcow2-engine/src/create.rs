@@ -45,12 +45,11 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new(".")),
     )
-    .map_err(Error::io(format!(
-        "resolving the directory of '{}'",
-        path.display()
-    )))?;
+    .map_err(Error::io_lazy(|| {
+        format!("resolving the directory of '{}'", path.display())
+    }))?;
     let storage = FileStorage::open(path, &FileOptions::create_new())
-        .map_err(Error::io(format!("creating '{}'", path.display())))?;
+        .map_err(Error::io_lazy(|| format!("creating '{}'", path.display())))?;
     create_on(Arc::new(storage), opts, Some(&dir))
 }
 

@@ -131,7 +131,7 @@ impl Image {
             .read_only(opts.read_only)
             .direct(opts.direct);
         let storage = FileStorage::open(path, &fo)
-            .map_err(Error::io(format!("opening '{}'", path.display())))?;
+            .map_err(Error::io_lazy(|| format!("opening '{}'", path.display())))?;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         Self::open_storage_in_chain(
             Arc::new(storage),

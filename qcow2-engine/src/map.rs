@@ -109,9 +109,9 @@ impl Image {
                 match b {
                     Backing::Qcow2(img) => img.status_at_depth(off, len, depth + 1),
                     Backing::Raw(s, _) => {
-                        let (data, n) = s.data_run(off, len).map_err(Error::io(format!(
-                            "querying holes of the raw backing file at {off:#x}"
-                        )))?;
+                        let (data, n) = s.data_run(off, len).map_err(Error::io_lazy(|| {
+                            format!("querying holes of the raw backing file at {off:#x}")
+                        }))?;
                         Ok(BlockStatus {
                             len: n.max(1).min(len),
                             present: true,
@@ -140,9 +140,9 @@ impl Image {
         let (data, n) = self
             .storage
             .data_run(host, st.len)
-            .map_err(Error::io(format!(
-                "querying holes at host offset {host:#x}"
-            )))?;
+            .map_err(Error::io_lazy(|| {
+                format!("querying holes at host offset {host:#x}")
+            }))?;
         Ok(BlockStatus {
             len: n.clamp(1, st.len),
             zero: !data,

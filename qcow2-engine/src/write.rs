@@ -120,7 +120,9 @@ impl Image {
             if let Src::Host(h) = e.src {
                 self.storage
                     .write_at(&data[at..at + e.len as usize], h)
-                    .map_err(Error::io(format!("writing data at host offset {h:#x}")))?;
+                    .map_err(Error::io_lazy(|| {
+                        format!("writing data at host offset {h:#x}")
+                    }))?;
             }
             at += e.len as usize;
         }
