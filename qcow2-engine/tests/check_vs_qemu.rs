@@ -8,22 +8,17 @@ mod support;
 use qcow2_engine::{CreateOptions, Image, OpenOptions, Repair};
 use support::*;
 
-/// (corruptions, leaks, image end offset, exit code) from qemu-img check --output=json.
+/// (corruptions, leaks, image end offset, exit code) from qemu-img check.
 fn qemu_counts(p: &std::path::Path) -> (u64, u64, u64, i32) {
-    let (code, out, _) = qemu_img_status(&["check", "--output=json", p.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-    (n("corruptions"), n("leaks"), n("image-end-offset"), code)
+    let v = qemu_check_verdict(p, 60);
+    (v.corruptions, v.leaks, v.end, v.rc)
 }
 
+/// The same from the engine's check (the image must open read-only).
 fn engine_counts(p: &std::path::Path) -> (u64, u64, u64, i32) {
-    let ro = OpenOptions {
-        read_only: true,
-        ..Default::default()
-    };
-    let img = Image::open(p, &ro).expect("open read-only");
-    let r = img.check(Repair::None).expect("check");
-    (r.corruptions, r.leaks, r.image_end_offset, r.exit_code())
+    let (v, msg) = engine_check_verdict(p);
+    assert_ne!(v.rc, 1, "engine check failed: {msg}");
+    (v.corruptions, v.leaks, v.end, v.rc)
 }
 
 fn truncated(len: u64) {

@@ -7,7 +7,9 @@
 //! ranges still read their data. Never a panic (each case runs under `catch_unwind` on its
 //! own thread), never a hang (each case has a deadline), and a read/write open that fails
 //! must leave every file of the case byte-identical (no writes to an image that failed
-//! validation).
+//! validation). Then `qemu-img check` and ours check the image: equal verdicts (exit
+//! class, corruptions, leaks, image end offset), or both unable to check, or a listed
+//! reason why we refuse what qemu-img checks.
 //!
 //! Run with `--nocapture` to see every case's messages.
 
@@ -970,76 +972,6 @@ fn run_case(case: Case) -> Result<String, String> {
     Ok(format!("{ro}\n    {rw}\n    {checks}"))
 }
 
-/// What a check concluded: qemu-img check's exit status class (0 clean, 1 could not
-/// check, 2 corruptions, 3 leaks) with the leak and corruption counts.
-#[derive(Debug, PartialEq, Eq)]
-struct Verdict {
-    rc: i32,
-    corruptions: u64,
-    leaks: u64,
-}
-
-fn qemu_check(image: &Path) -> Verdict {
-    // qemu-img check follows a backing loop without end: bounded by `timeout` (exit 124).
-    let out = std::process::Command::new("timeout")
-        .args([
-            "-s",
-            "KILL",
-            "5",
-            "qemu-img",
-            "check",
-            "-U",
-            "--output=json",
-        ])
-        .arg(image)
-        .output()
-        .expect("run qemu-img check");
-    let json = String::from_utf8_lossy(&out.stdout);
-    let field = |k: &str| -> u64 {
-        json.split(&format!("\"{k}\": "))
-            .nth(1)
-            .and_then(|t| t.split([',', '\n', '}']).next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    Verdict {
-        // Killed by `timeout` (a signal, or 137 from timeout itself): "could not check".
-        rc: match out.status.code() {
-            None | Some(124 | 137) => 124,
-            Some(c) => c,
-        },
-        corruptions: field("corruptions"),
-        leaks: field("leaks"),
-    }
-}
-
-/// Our check on a read-only open, with its first message (or the open's error).
-fn our_check(image: &Path) -> (Verdict, String) {
-    let opts = OpenOptions {
-        read_only: true,
-        ..OpenOptions::default()
-    };
-    let failed = |e: qcow2_engine::Error| {
-        let v = Verdict {
-            rc: 1,
-            corruptions: 0,
-            leaks: 0,
-        };
-        (v, e.to_string())
-    };
-    match Image::open(image, &opts).and_then(|img| img.check(qcow2_engine::Repair::None)) {
-        Err(e) => failed(e),
-        Ok(r) => (
-            Verdict {
-                rc: r.exit_code(),
-                corruptions: r.corruptions,
-                leaks: r.leaks,
-            },
-            r.messages.first().cloned().unwrap_or_default(),
-        ),
-    }
-}
-
 /// Cases qemu-img check can check but this library refuses to open even read-only, and
 /// why: the refusal is the clear error the issue allows instead of a report.
 const CHECK_REFUSED: &[(&str, &str)] = &[
@@ -1054,12 +986,12 @@ const CHECK_REFUSED: &[(&str, &str)] = &[
 ];
 
 /// qemu-img check and ours (read-only) on the case's image: where ours checks, the exit
-/// status class and the corruption and leak counts equal qemu-img's; where ours cannot,
-/// qemu-img cannot either (exit 1, 63 for "not a format with checks", or a timeout), or
-/// the case is listed in `CHECK_REFUSED`.
+/// status class, the corruption and leak counts and the image end offset equal
+/// qemu-img's; where ours cannot, qemu-img cannot either (exit 1, 63 for "not a format
+/// with checks", or a timeout), or the case is listed in `CHECK_REFUSED`.
 fn compare_check(case: &Case, image: &Path) -> Result<String, String> {
-    let q = qemu_check(image);
-    let (o, msg) = our_check(image);
+    let q = qemu_check_verdict(image, 5);
+    let (o, msg) = engine_check_verdict(image);
     let tag = format!("{} [check]", case.name);
     if o.rc == 1 {
         let refused = CHECK_REFUSED.iter().find(|(n, _)| *n == case.name);

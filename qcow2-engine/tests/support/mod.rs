@@ -64,6 +64,72 @@ pub fn qemu_img_status(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// What a check concluded, in qemu-img check's terms: exit status class (0 clean,
+/// 1 could not check, 2 corruptions, 3 leaks only; 124 when qemu-img was killed by the
+/// timeout), the counts, and the image end offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckVerdict {
+    pub rc: i32,
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub end: u64,
+}
+
+/// `qemu-img check -U --output=json`, killed after `timeout_secs` (qemu-img follows a
+/// backing-file loop without end).
+pub fn qemu_check_verdict(image: &Path, timeout_secs: u32) -> CheckVerdict {
+    let t = timeout_secs.to_string();
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", &t, "qemu-img", "check", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .expect("run qemu-img check under timeout");
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    CheckVerdict {
+        // Killed by `timeout` (a signal, or 137 from timeout itself): "could not check".
+        rc: match out.status.code() {
+            None | Some(124 | 137) => 124,
+            Some(c) => c,
+        },
+        corruptions: n("corruptions"),
+        leaks: n("leaks"),
+        end: n("image-end-offset"),
+    }
+}
+
+/// The engine's check on a read-only open: the verdict and its first message, or the
+/// open's or check's error as rc 1 with the error text.
+pub fn engine_check_verdict(image: &Path) -> (CheckVerdict, String) {
+    let opts = qcow2_engine::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let report = qcow2_engine::Image::open(image, &opts)
+        .and_then(|img| img.check(qcow2_engine::Repair::None));
+    match report {
+        Err(e) => {
+            let v = CheckVerdict {
+                rc: 1,
+                corruptions: 0,
+                leaks: 0,
+                end: 0,
+            };
+            (v, e.to_string())
+        }
+        Ok(r) => (
+            CheckVerdict {
+                rc: r.exit_code(),
+                corruptions: r.corruptions,
+                leaks: r.leaks,
+                end: r.image_end_offset,
+            },
+            r.messages.first().cloned().unwrap_or_default(),
+        ),
+    }
+}
+
 /// Run qemu-io with the given commands (fed on stdin, one per line) and extra args.
 pub fn qemu_io(extra: &[&str], image: &Path, cmds: &[String]) {
     use std::io::Write;
