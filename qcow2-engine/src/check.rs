@@ -1,7 +1,8 @@
 //! Consistency check with qemu-img check's rules and counters: count every reference the
 //! metadata makes (header, tables, L2 tables, data, compressed ranges, refcount
-//! structures, persistent bitmaps) and compare with the stored refcounts; check COPIED flags and entries.
-//! Memory is one u32 per host cluster of the file; L2 tables are read one at a time.
+//! structures, persistent bitmaps) and compare with the stored refcounts; check COPIED
+//! flags and entries. Memory is one u32 per host cluster of the file; L2 tables are read
+//! one at a time.
 
 use qcow2_format::l2::OFLAG_COPIED;
 use qcow2_format::{refcount, ClusterKind, L1Entry, L2Entry};
@@ -104,7 +105,7 @@ impl Image {
                 .len()
                 .map_err(Error::io("reading the image length"))?;
             let mut probe = CheckReport::default();
-            crate::check_bitmaps::bitmap_regions(&m, &mut probe, file_len)?;
+            crate::check_bitmaps::bitmap_regions(&m, &mut probe, file_len, &mut |_, _, _, _| {})?;
             let keep = if probe.corruptions == 0 {
                 qcow2_format::features::autoclear::BITMAPS
             } else {
@@ -195,9 +196,9 @@ impl Image {
                 .sum();
             inc(&mut r, rep, h.snapshots_offset, len, "snapshot table");
         }
-        for (off, len, what) in crate::check_bitmaps::bitmap_regions(m, rep, file_len)? {
-            inc(&mut r, rep, off, len, what);
-        }
+        crate::check_bitmaps::bitmap_regions(m, rep, file_len, &mut |rep, off, len, what| {
+            inc(&mut r, rep, off, len, what)
+        })?;
         for (i, &raw) in m.reftable.clone().iter().enumerate() {
             match refcount::reftable_entry(raw, &geo) {
                 Ok(0) => {}

@@ -11,34 +11,41 @@ use crate::check::CheckReport;
 use crate::error::Result;
 use crate::meta::Meta;
 
-/// A host region a bitmap structure occupies: offset, length, what it is.
-pub(crate) type Region = (u64, u64, &'static str);
+/// Receives each host region a bitmap structure occupies: offset, length, what it is.
+pub(crate) type OnRegion<'a> = &'a mut dyn FnMut(&mut CheckReport, u64, u64, &'static str);
 
-/// Every region the bitmaps own. Damage is reported in `rep` as a corruption (the part
-/// that could be read is still counted); memory stays bounded by one cluster of table at
-/// a time plus the directory (at most 64 MiB by QEMU's limit, and never more than the
-/// part inside the file).
+/// Report every region the bitmaps own to `f`. Damage is reported in `rep` as a
+/// corruption (the part that could be read is still counted). Memory stays bounded by one
+/// cluster of table at a time plus the directory (at most 64 MiB by QEMU's limit, never
+/// more than the part inside the file), and time by the file: tables are read only while
+/// their total stays within the file's length (more means they overlap).
 pub(crate) fn bitmap_regions(
     m: &Meta,
     rep: &mut CheckReport,
     file_len: u64,
-) -> Result<Vec<Region>> {
+    f: OnRegion<'_>,
+) -> Result<()> {
     let h = &m.area.header;
     if h.version < 3 || h.autoclear_features & autoclear::BITMAPS == 0 {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let Some(ext) = m.area.extensions.iter().find_map(|e| match e {
         HeaderExtension::Bitmaps(b) => Some(*b),
         _ => None,
     }) else {
-        return Ok(Vec::new());
+        return Ok(());
     };
     let cs = m.geo.cluster_size();
     let corrupt = |rep: &mut CheckReport, msg: String| {
         rep.corruptions += 1;
         rep.messages.push(format!("ERROR {msg}"));
     };
-    let mut out = vec![(ext.directory_offset, ext.directory_size, "bitmap directory")];
+    f(
+        rep,
+        ext.directory_offset,
+        ext.directory_size,
+        "bitmap directory",
+    );
     if ext.directory_size > MAX_BITMAP_DIRECTORY_SIZE || ext.directory_offset % cs != 0 {
         corrupt(
             rep,
@@ -47,7 +54,7 @@ pub(crate) fn bitmap_regions(
                 ext.directory_offset, ext.directory_size
             ),
         );
-        return Ok(out);
+        return Ok(());
     }
     let in_file = ext
         .directory_size
@@ -58,10 +65,11 @@ pub(crate) fn bitmap_regions(
         Ok(v) => v,
         Err(e) => {
             corrupt(rep, format!("bitmap directory: {e}"));
-            return Ok(out);
+            return Ok(());
         }
     };
     let mut chunk = vec![0u8; cs as usize];
+    let mut table_bytes_read = 0u64;
     for (i, b) in entries.iter().enumerate() {
         let name = String::from_utf8_lossy(&b.name);
         if b.table_offset % cs != 0 || b.table_size > MAX_BITMAP_TABLE_SIZE {
@@ -74,9 +82,15 @@ pub(crate) fn bitmap_regions(
             );
             continue;
         }
-        out.push((b.table_offset, b.table_bytes(), "bitmap table"));
+        f(rep, b.table_offset, b.table_bytes(), "bitmap table");
         // Only the part of the table inside the file is read, a cluster at a time.
         let readable = b.table_bytes().min(file_len.saturating_sub(b.table_offset));
+        table_bytes_read += readable;
+        if table_bytes_read > file_len {
+            let msg = format!("bitmap {i} '{name}': the bitmap tables overlap");
+            corrupt(rep, msg);
+            return Ok(());
+        }
         let mut at = 0u64;
         while at < readable {
             let n = (readable - at).min(cs) as usize / 8 * 8;
@@ -89,7 +103,7 @@ pub(crate) fn bitmap_regions(
                 .enumerate()
             {
                 match bitmaps::table_entry(raw) {
-                    Ok(Some(off)) if off % cs == 0 => out.push((off, cs, "bitmap data cluster")),
+                    Ok(Some(off)) if off % cs == 0 => f(rep, off, cs, "bitmap data cluster"),
                     Ok(Some(_)) | Err(_) => corrupt(
                         rep,
                         format!(
@@ -103,5 +117,5 @@ pub(crate) fn bitmap_regions(
             at += n as u64;
         }
     }
-    Ok(out)
+    Ok(())
 }

@@ -242,6 +242,13 @@ pub fn qemu_img_info_json(image: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("qemu-img info JSON for {p}: {e}\n{out}"))
 }
 
+/// Big-endian u16 at `off` of a file.
+pub fn file_be16(path: &Path, off: u64) -> u16 {
+    let mut b = [0u8; 2];
+    read_file_at(path, &mut b, off);
+    u16::from_be_bytes(b)
+}
+
 /// Big-endian u32 at `off` in the file.
 pub fn file_be32(path: &Path, off: u64) -> u32 {
     let mut b = [0u8; 4];
