@@ -483,7 +483,7 @@ static int cmd_check(int argc, char **argv)
         return 1;
     }
     file = argv[optind];
-    if (open_image(file, (fix ? 0 : QCOWPROV_OPEN_RDONLY) | QCOWPROV_OPEN_NO_BACKING, &img) < 0)
+    if (open_image(file, (fix ? QCOWPROV_OPEN_CHECK : QCOWPROV_OPEN_RDONLY) | QCOWPROV_OPEN_NO_BACKING, &img) < 0)
         return 1;
     if (run_check(img, fix, &res) < 0) {
         qcowprov_close(img);

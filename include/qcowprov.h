@@ -41,6 +41,13 @@
 #define QCOWPROV_OPEN_NO_BACKING 4
 
 /**
+ * Open for `qcowprov_check` with a fix flag (QEMU's `BDRV_O_CHECK`, as `qemu-img check -r`):
+ * an image with the corrupt bit set opens read/write, guest writes stay refused with
+ * `-EIO`, and a repair that leaves no corruption clears the bit.
+ */
+#define QCOWPROV_OPEN_CHECK 8
+
+/**
  * `qcowprov_pwrite` / `qcowprov_pwritev` flag: the data and the metadata that reaches it
  * are stable on return (as after a `qcowprov_flush`).
  */

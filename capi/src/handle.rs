@@ -15,6 +15,10 @@ pub const QCOWPROV_OPEN_RDONLY: u32 = 1;
 pub const QCOWPROV_OPEN_DIRECT: u32 = 2;
 /// Do not open the backing file: unallocated ranges then read as zeros.
 pub const QCOWPROV_OPEN_NO_BACKING: u32 = 4;
+/// Open for `qcowprov_check` with a fix flag (QEMU's `BDRV_O_CHECK`, as `qemu-img check -r`):
+/// an image with the corrupt bit set opens read/write, guest writes stay refused with
+/// `-EIO`, and a repair that leaves no corruption clears the bit.
+pub const QCOWPROV_OPEN_CHECK: u32 = 8;
 
 /// An open qcow2 image (opaque). Obtained from `qcowprov_open`, released with
 /// `qcowprov_close`. One handle may be used from several threads at once.
@@ -144,13 +148,17 @@ pub unsafe extern "C" fn qcowprov_open(
         args::non_null(out, "out")?;
         args::known_flags(
             flags,
-            QCOWPROV_OPEN_RDONLY | QCOWPROV_OPEN_DIRECT | QCOWPROV_OPEN_NO_BACKING,
+            QCOWPROV_OPEN_RDONLY
+                | QCOWPROV_OPEN_DIRECT
+                | QCOWPROV_OPEN_NO_BACKING
+                | QCOWPROV_OPEN_CHECK,
             "flags",
         )?;
         let mut opts = OpenOptions::parse(options)?;
         opts.read_only |= flags & QCOWPROV_OPEN_RDONLY != 0;
         opts.direct |= flags & QCOWPROV_OPEN_DIRECT != 0;
         opts.no_backing |= flags & QCOWPROV_OPEN_NO_BACKING != 0;
+        opts.check |= flags & QCOWPROV_OPEN_CHECK != 0;
         let inner = Image::open(path, &opts)?;
         let handle = Box::into_raw(Box::new(QcowprovImage { inner }));
         // SAFETY: `out` is non-NULL (checked above) and the caller guarantees it is valid

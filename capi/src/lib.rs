@@ -42,8 +42,8 @@ pub use check::{
 pub use error::{qcowprov_last_error, qcowprov_strerror};
 pub use handle::{
     qcowprov_close, qcowprov_create, qcowprov_flush, qcowprov_open, qcowprov_resize,
-    qcowprov_set_options, qcowprov_version, QcowprovImage, QCOWPROV_OPEN_DIRECT,
-    QCOWPROV_OPEN_NO_BACKING, QCOWPROV_OPEN_RDONLY,
+    qcowprov_set_options, qcowprov_version, QcowprovImage, QCOWPROV_OPEN_CHECK,
+    QCOWPROV_OPEN_DIRECT, QCOWPROV_OPEN_NO_BACKING, QCOWPROV_OPEN_RDONLY,
 };
 pub use info::{
     qcowprov_get_info, QcowprovInfo, QcowprovProvision, QCOWPROV_INFO_COMPRESSION_ZSTD,

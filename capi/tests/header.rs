@@ -136,7 +136,8 @@ SA(offsetof(struct qcowprov_status, host_offset) == 16);
 SA(offsetof(struct qcowprov_status, depth) == 24);
 SA(sizeof(struct qcowprov_check_result) == 88);
 SA(offsetof(struct qcowprov_check_result, image_end_offset) == 80);
-SA(QCOWPROV_OPEN_RDONLY == 1 && QCOWPROV_OPEN_DIRECT == 2 && QCOWPROV_OPEN_NO_BACKING == 4);
+SA(QCOWPROV_OPEN_RDONLY == 1 && QCOWPROV_OPEN_DIRECT == 2 && QCOWPROV_OPEN_NO_BACKING == 4 &&
+   QCOWPROV_OPEN_CHECK == 8);
 SA(QCOWPROV_WRITE_FUA == 1 && QCOWPROV_ZERO_MAY_UNMAP == 1);
 SA(QCOWPROV_CHECK_FIX_LEAKS == 1 && QCOWPROV_CHECK_FIX_ALL == 2);
 SA(QCOWPROV_STATUS_DATA == 1 && QCOWPROV_STATUS_ZERO == 2 && QCOWPROV_STATUS_ALLOCATED == 4);

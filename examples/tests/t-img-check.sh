@@ -52,6 +52,9 @@ checkcase() {
                 echo "after repair ($fmt): qemu-img check of qemu's image $qa, of ours $oa:" >> "$d/why"
                 cat "$d/o.after" >> "$d/why"
             fi
+            qc=$(qemu-img info -U "$d/q.qcow2" | grep -c 'corrupt: true')
+            oc=$(qemu-img info -U "$d/o.qcow2" | grep -c 'corrupt: true')
+            [ "$qc" = "$oc" ] || echo "after repair ($fmt): corrupt bit set: qemu's $qc, ours $oc" >> "$d/why"
             if ! qemu-img compare "$d/q.qcow2" "$d/o.qcow2" > "$d/cmp.out" 2>&1; then
                 echo "after repair ($fmt): qemu-img compare: $(cat "$d/cmp.out")" >> "$d/why"
             fi
@@ -110,6 +113,12 @@ mk_cut_data() {
 mk_cut_l2() {
     qemu-img create -q -f qcow2 img.qcow2 4M && qio -c 'write -P 1 0 1M' img.qcow2 && truncate -s 200000 img.qcow2
 }
+# Incompatible feature bit 1: the corrupt bit (qemu-img check -r opens it anyway).
+mk_corrupt_bit() {
+    mk_clean && python3 -c 'import sys
+f = open(sys.argv[1], "r+b"); f.seek(72); v = int.from_bytes(f.read(8), "big") | 2
+f.seek(72); f.write(v.to_bytes(8, "big"))' img.qcow2
+}
 mk_fragmented() {
     qemu-img create -q -f qcow2 img.qcow2 8M &&
         qio -c 'write -P 1 3M 64k' -c 'write -P 2 0 64k' -c 'write -P 3 7M 64k' -c 'write -P 4 1M 64k' \
@@ -139,5 +148,8 @@ checkcase "-r all on refcount 2" 0 mk_refcount_two "-r all"
 checkcase "-r all on leaks and a corruption" 0 mk_leaks_and_corruption "-r all"
 checkcase "-r leaks on leaks and a corruption" 1 mk_leaks_and_corruption "-r leaks"
 checkcase "-r all on refcount_bits=1 leaks" 0 mk_refcount1_leaks "-r all"
+checkcase "corrupt bit set" 0 mk_corrupt_bit
+checkcase "-r all on the corrupt bit" 0 mk_corrupt_bit "-r all"
+checkcase "-r leaks on the corrupt bit" 0 mk_corrupt_bit "-r leaks"
 
 finish

@@ -88,10 +88,34 @@ impl Image {
             return Err(Error::ReadOnly("repair needs a read-write image".into()));
         }
         let mut m = self.lock();
+        let was_corrupt = m.corrupt;
         if repair != Repair::None {
             // Repairs may free or move clusters: optimistic readers must re-resolve.
             m.free_gen.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            // A repair allocates (refcount rebuild) even on an image flagged corrupt.
+            m.corrupt = false;
         }
+        let r = self.check_locked(&mut m, repair, progress);
+        match &r {
+            // As qemu-img: a repair that leaves no corruption makes the image trusted.
+            Ok(rep)
+                if repair != Repair::None
+                    && rep.corruptions <= rep.corruptions_fixed
+                    && rep.check_errors == 0 =>
+            {
+                m.clear_corrupt()?
+            }
+            _ => m.corrupt |= was_corrupt,
+        }
+        r
+    }
+
+    fn check_locked(
+        &self,
+        m: &mut Meta,
+        repair: Repair,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<CheckReport> {
         if !m.read_only {
             m.flush()?;
         }
@@ -105,7 +129,7 @@ impl Image {
                 .len()
                 .map_err(Error::io("reading the image length"))?;
             let mut probe = CheckReport::default();
-            crate::check_bitmaps::bitmap_regions(&m, &mut probe, file_len, &mut |_, _, _, _| {})?;
+            crate::check_bitmaps::bitmap_regions(m, &mut probe, file_len, &mut |_, _, _, _| {})?;
             let keep = if probe.corruptions == 0 {
                 qcow2_format::features::autoclear::BITMAPS
             } else {
@@ -120,12 +144,12 @@ impl Image {
             total_clusters: self.virtual_size().div_ceil(self.geo.cluster_size()),
             ..Default::default()
         };
-        let counted = self.count_refs(&mut m, &mut rep, progress, true)?;
-        self.compare_refcounts(&mut m, &mut rep, &counted, repair)?;
+        let counted = self.count_refs(m, &mut rep, progress, true)?;
+        self.compare_refcounts(m, &mut rep, &counted, repair)?;
         if repair == Repair::All {
-            self.repair_all(&mut m, &mut rep, &counted)?;
+            self.repair_all(m, &mut rep, &counted)?;
         }
-        self.check_copied(&mut m, &mut rep, repair == Repair::All)?;
+        self.check_copied(m, &mut rep, repair == Repair::All)?;
         if !m.read_only && repair != Repair::None {
             m.flush()?;
         }

@@ -26,6 +26,10 @@ pub struct OpenOptions {
     pub cache: CacheOptions,
     /// Discard / write-zeroes options (QEMU's names, or `provision=`).
     pub discard: DiscardOptions,
+    /// Open for check and repair (QEMU's `BDRV_O_CHECK`, what `qemu-img check -r` does):
+    /// a read/write open of an image with the corrupt bit set is allowed, guest writes
+    /// stay refused, and a repair that leaves no corruption clears the bit.
+    pub check: bool,
 }
 
 impl OpenOptions {

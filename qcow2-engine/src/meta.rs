@@ -220,6 +220,18 @@ impl Meta {
         }
     }
 
+    /// Clear the corrupt bit after a repair left no corruption (QEMU does the same).
+    pub(crate) fn clear_corrupt(&mut self) -> Result<()> {
+        if self.area.header.is_corrupt() {
+            self.update_header(|h| {
+                h.incompatible_features &= !qcow2_format::features::incompatible::CORRUPT
+            })?;
+            self.sync()?;
+        }
+        self.corrupt = false;
+        Ok(())
+    }
+
     // ---- caches ----
 
     pub(crate) fn rb_cache_capacity(&self) -> usize {

@@ -66,7 +66,9 @@ impl Image {
         let geo = header.geometry()?;
         let area = HeaderArea::parse(&cluster0)?;
         let h = &area.header;
-        refuse_unsupported(h, opts.read_only)?;
+        // A check-open may be read/write on a corrupt image: `corrupt` below keeps guest
+        // writes refused until a repair clears the bit.
+        refuse_unsupported(h, opts.read_only || opts.check)?;
 
         // A table running past the end of the file refuses a read/write open. Read-only
         // (so that check can report it as qemu-img does) the missing part reads as zeros:
@@ -174,7 +176,7 @@ impl Image {
             inflight: Default::default(),
             meta_ranges: ranges.map,
             snapshots,
-            corrupt: false,
+            corrupt: h.is_corrupt(),
             first_write_done: false,
             l1_past_eof,
             dirty_set_by_us: false,

@@ -2,7 +2,7 @@
 //! disagreed: truncated files (references past the end of the file), a referenced cluster
 //! with refcount 0 under a leaks-only repair (qemu-img refuses and changes nothing), and
 //! an empty (0-byte) disk, which has no L1 table; and a damaged bitmap table, which QEMU
-//! cannot open and our repair makes usable again.
+//! cannot open and our repair makes usable again; the corrupt bit under a repair.
 
 mod support;
 
@@ -170,4 +170,49 @@ fn a_damaged_bitmap_table_is_repaired_by_dropping_the_bitmaps() {
     let img = Image::open(&p, &OpenOptions::default()).unwrap();
     img.read_at(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&b| b == 0x5a), "guest data kept");
+}
+
+/// The corrupt bit: a read/write open is refused naming the repair; a check-open (QEMU's
+/// BDRV_O_CHECK) goes ahead but refuses guest writes, and a repair that leaves no
+/// corruption clears the bit, as `qemu-img check -r all` does.
+#[test]
+fn a_repair_clears_the_corrupt_bit_of_a_check_open() {
+    let d = TempDir::new("chk-corrupt-bit");
+    let p = d.path("c.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ps, "8M"]);
+    qemu_io(
+        &["-f", "qcow2"],
+        &p,
+        &["write -q -P 0x5a 0 128k".to_string()],
+    );
+    patch_be64(&p, 72, file_be64(&p, 72) | 2); // incompatible bit 1: corrupt
+    let Err(e) = Image::open(&p, &OpenOptions::default()) else {
+        panic!("a read/write open of a corrupt image must be refused");
+    };
+    assert!(e.to_string().contains("check -r"), "{e}");
+
+    let check = OpenOptions {
+        check: true,
+        ..Default::default()
+    };
+    let img = Image::open(&p, &check).unwrap();
+    assert!(
+        img.write_at(&[1u8; 512], 0).is_err(),
+        "guest writes stay refused"
+    );
+    let rep = img.check(Repair::Leaks).unwrap();
+    assert_eq!(rep.exit_code(), 0, "{rep:?}");
+    assert_eq!(
+        img.info().incompatible_features & 2,
+        0,
+        "corrupt bit cleared"
+    );
+    img.write_at(&[1u8; 512], 0).unwrap();
+    img.close().unwrap();
+    assert_check_clean(&p);
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..512].iter().all(|&b| b == 1) && buf[512..].iter().all(|&b| b == 0x5a));
 }
