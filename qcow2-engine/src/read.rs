@@ -1,5 +1,6 @@
 //! Reading: resolve a guest range to extents under the metadata lock, then do the data I/O
-//! outside it (clusters in flight are pinned against reallocation).
+//! outside it, optimistically (retried if a cluster was freed meanwhile; pinned against
+//! reallocation after repeated races).
 
 use qcow2_format::{ClusterKind, CompressedDescriptor, SubclusterKind};
 
