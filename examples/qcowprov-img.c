@@ -23,6 +23,16 @@
 
 static const char *prog = "qcowprov-img";
 
+/* The single image name left after the options, or NULL with qemu-img's message. */
+static const char *one_file(int argc, char **argv)
+{
+    if (optind != argc - 1) {
+        fprintf(stderr, "%s: Expecting one image file name\n", prog);
+        return NULL;
+    }
+    return argv[optind];
+}
+
 static void usage(FILE *f)
 {
     fprintf(f,
@@ -263,11 +273,8 @@ static int cmd_info(int argc, char **argv)
         default: usage(stderr); return 1;
         }
     }
-    if (optind != argc - 1) {
-        fprintf(stderr, "%s: Expecting one image file name\n", prog);
+    if (!(file = one_file(argc, argv)))
         return 1;
-    }
-    file = argv[optind];
     if (open_image(file, QCOWPROV_OPEN_RDONLY | QCOWPROV_OPEN_NO_BACKING, &img) < 0)
         return 1;
     r = get_info(img, &info);
@@ -478,11 +485,8 @@ static int cmd_check(int argc, char **argv)
         default: usage(stderr); return 1;
         }
     }
-    if (optind != argc - 1) {
-        fprintf(stderr, "%s: Expecting one image file name\n", prog);
+    if (!(file = one_file(argc, argv)))
         return 1;
-    }
-    file = argv[optind];
     if (open_image(file, (fix ? QCOWPROV_OPEN_CHECK : QCOWPROV_OPEN_RDONLY) | QCOWPROV_OPEN_NO_BACKING, &img) < 0)
         return 1;
     if (run_check(img, fix, &res) < 0) {
@@ -645,11 +649,8 @@ static int cmd_map(int argc, char **argv)
         default: usage(stderr); return 1;
         }
     }
-    if (optind != argc - 1) {
-        fprintf(stderr, "%s: Expecting one image file name\n", prog);
+    if (!(file = one_file(argc, argv)))
         return 1;
-    }
-    file = argv[optind];
     if (open_image(file, QCOWPROV_OPEN_RDONLY, &img) < 0)
         return 1;
     if (get_info(img, &info) < 0) {

@@ -104,6 +104,17 @@ static int bad_option(const char *cmd, int c)
     return -1;
 }
 
+/* -P BYTE of read and write, with qemu-io's message for a bad byte. */
+static int pattern_opt(const char *arg, int *pattern, int *have)
+{
+    if (parse_pattern(arg, pattern) < 0) {
+        fprintf(stderr, "%s is not a valid pattern byte\n", arg);
+        return -1;
+    }
+    *have = 1;
+    return 0;
+}
+
 static int cmd_read(struct io_ctx *ctx, int argc, char **argv)
 {
     struct miniopt st = { 0, 0, NULL, 0 };
@@ -117,11 +128,8 @@ static int cmd_read(struct io_ctx *ctx, int argc, char **argv)
         switch (c) {
         case 'q': quiet = 1; break;
         case 'P':
-            if (parse_pattern(st.arg, &pattern) < 0) {
-                fprintf(stderr, "%s is not a valid pattern byte\n", st.arg);
+            if (pattern_opt(st.arg, &pattern, &have_pattern) < 0)
                 return -1;
-            }
-            have_pattern = 1;
             break;
         default: return bad_option(argv[0], st.badopt);
         }
@@ -177,11 +185,8 @@ static int cmd_write(struct io_ctx *ctx, int argc, char **argv)
         case 'u': unmap = 1; break;
         case 'f': fua = 1; break;
         case 'P':
-            if (parse_pattern(st.arg, &pattern) < 0) {
-                fprintf(stderr, "%s is not a valid pattern byte\n", st.arg);
+            if (pattern_opt(st.arg, &pattern, &have_pattern) < 0)
                 return -1;
-            }
-            have_pattern = 1;
             break;
         default: return bad_option(argv[0], st.badopt);
         }

@@ -8,6 +8,8 @@
 
 #[path = "../tests/support/frag.rs"]
 mod frag;
+#[path = "../tests/support/policies.rs"]
+mod policies;
 
 use std::time::Duration;
 
@@ -20,16 +22,7 @@ fn bench(c: &mut Criterion) {
     let ops = frag::ops(42);
     let mut g = c.benchmark_group("fragmentation");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
-    let runs = [
-        "provision=off",
-        "provision=full",
-        "provision=metadata",
-        "provision=thin",
-        "provision=reuse",
-        "discard=unmap",
-        "discard=unmap,discard-no-unref=on",
-    ];
-    for opts in runs {
+    for opts in policies::POLICIES {
         g.bench_function(format!("qcowprov/{opts}"), |b| {
             b.iter_custom(|n| (0..n).map(|_| frag::run_engine(&path, opts, &ops)).sum())
         });

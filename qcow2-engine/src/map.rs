@@ -7,6 +7,7 @@ use qcow2_format::{ClusterKind, SubclusterKind};
 use crate::backing::Backing;
 use crate::error::{Error, Result};
 use crate::image::Image;
+use crate::l2map::pieces;
 
 /// The status of a guest range, as one layer of the chain reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,7 +188,6 @@ impl Image {
     fn own_status(&self, off: u64, len: u64, depth: u32) -> Result<BlockStatus> {
         let geo = self.geo;
         let cs = geo.cluster_size();
-        let sc = geo.subcluster_size();
         let end = off + len;
         let mut m = self.lock();
         let mut acc: Option<BlockStatus> = None;
@@ -221,28 +221,21 @@ impl Image {
             let (entry, kind, _) = m.l2_kind(pos)?;
             let cl_end = (cl + cs).min(end);
             let mut stop = false;
-            while pos < cl_end {
-                let in_cl = pos - cl;
-                let sub_end = if geo.extended_l2() {
-                    (cl + (in_cl / sc + 1) * sc).min(cl_end)
-                } else {
-                    cl_end
-                };
-                let sk = entry.subcluster_kind(kind, &geo, geo.subcluster_index(pos));
+            for (start, piece_end, sk) in pieces(geo, entry, kind, cl, pos, cl_end) {
                 let piece = BlockStatus {
-                    len: sub_end - pos,
+                    len: piece_end - start,
                     depth,
-                    ..status_of(sk, kind, in_cl)
+                    ..status_of(sk, kind, start - cl)
                 };
                 if !merge(&mut acc, piece) {
                     stop = true;
                     break;
                 }
-                pos = sub_end;
             }
             if stop {
                 break;
             }
+            pos = cl_end;
         }
         Ok(acc.expect("a non-empty range has a status"))
     }

@@ -7,6 +7,7 @@ use qcow2_format::{ClusterKind, CompressedDescriptor, SubclusterKind};
 use crate::compress::decompress_cluster;
 use crate::error::{invalid_arg, Error, Result};
 use crate::image::Image;
+use crate::l2map::pieces;
 use crate::meta::Meta;
 
 /// Where a piece of guest data comes from.
@@ -125,7 +126,6 @@ impl Image {
     pub(crate) fn resolve(&self, m: &mut Meta, guest: u64, len: u64) -> Result<Extents> {
         let geo = self.geo;
         let cs = geo.cluster_size();
-        let sc = geo.subcluster_size();
         let mut out = Extents::new();
         if len > 0 && !geo.extended_l2() && geo.align_down(guest) == geo.align_down(guest + len - 1)
         {
@@ -141,17 +141,10 @@ impl Image {
             let cl = geo.align_down(pos);
             let cl_end = (cl + cs).min(end);
             let (entry, kind, _) = m.l2_kind(pos)?;
-            while pos < cl_end {
-                let in_cl = pos - cl;
-                let sub_end = if geo.extended_l2() {
-                    (cl + (in_cl / sc + 1) * sc).min(cl_end)
-                } else {
-                    cl_end
-                };
-                let sk = entry.subcluster_kind(kind, &geo, geo.subcluster_index(pos));
-                out.push(sub_end - pos, self.src_of(sk, kind, in_cl));
-                pos = sub_end;
+            for (start, end, sk) in pieces(geo, entry, kind, cl, pos, cl_end) {
+                out.push(end - start, self.src_of(sk, kind, start - cl));
             }
+            pos = cl_end;
         }
         Ok(out)
     }

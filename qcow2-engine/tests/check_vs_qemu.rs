@@ -150,12 +150,7 @@ fn a_damaged_bitmap_table_is_repaired_by_dropping_the_bitmaps() {
         &p,
         &["write -q -P 0x5a 0 128k".to_string()],
     );
-    // Header extensions start at header_length; find the bitmaps extension's directory.
-    let mut at = u64::from(file_be32(&p, 100));
-    while file_be32(&p, at) != 0x2385_2875 {
-        at += 8 + u64::from(file_be32(&p, at + 4)).div_ceil(8) * 8;
-    }
-    let table = file_be64(&p, file_be64(&p, at + 8 + 16));
+    let table = file_be64(&p, bitmap_directory_offset(&p));
     patch_be64(&p, table, file_be64(&p, table) | 2);
     assert_eq!(qemu_counts(&p).3, 1, "qemu-img cannot open it");
     let (v, msg) = engine_check_verdict(&p);

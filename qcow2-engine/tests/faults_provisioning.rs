@@ -33,16 +33,6 @@ use support::*;
 const EIO: i32 = 5;
 const ENOSPC: i32 = 28;
 
-const POLICIES: [&str; 7] = [
-    "provision=off",
-    "provision=full",
-    "provision=metadata",
-    "provision=thin",
-    "provision=reuse",
-    "discard=unmap",
-    "discard=unmap,discard-no-unref=on",
-];
-
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Write(u64, u64, u8),

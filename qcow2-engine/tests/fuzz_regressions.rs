@@ -44,16 +44,23 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-/// A 64 KiB image with 512-byte clusters whose guest cluster 0 is allocated, with the
-/// L2 entry of guest cluster 0 then replaced by `entry`.
-fn image_with_l2_entry_0(entry: u64) -> Vec<u8> {
+/// A fresh 64 KiB image with 512-byte clusters in memory.
+fn tiny_image(refcount_bits: u64) -> Arc<MemStorage> {
     let mem = Arc::new(MemStorage::new());
     let opts = CreateOptions {
         size: Some(64 * 1024),
         cluster_size: 512,
+        refcount_bits,
         ..CreateOptions::default()
     };
     create_on(mem.clone(), &opts, None).unwrap();
+    mem
+}
+
+/// A 64 KiB image with 512-byte clusters whose guest cluster 0 is allocated, with the
+/// L2 entry of guest cluster 0 then replaced by `entry`.
+fn image_with_l2_entry_0(entry: u64) -> Vec<u8> {
+    let mem = tiny_image(16);
     let img = Image::open_storage(mem.clone(), &OpenOptions::default(), None).unwrap();
     img.write_at(&[0x5a; 512], 0).unwrap();
     img.close().unwrap();
@@ -179,13 +186,7 @@ fn check_walks_snapshot_l1_tables_one_at_a_time() {
     }
     const N: usize = 64;
     const L1_ENTRIES: u32 = 4 << 20; // 32 MiB, the largest an L1 table may be
-    let mem = Arc::new(MemStorage::new());
-    let opts = CreateOptions {
-        size: Some(64 * 1024),
-        cluster_size: 512,
-        ..CreateOptions::default()
-    };
-    create_on(mem.clone(), &opts, None).unwrap();
+    let mem = tiny_image(16);
     let mut bytes = mem.to_vec();
     let table_at = bytes.len().div_ceil(512) * 512;
     bytes.resize(table_at, 0);
@@ -283,13 +284,7 @@ fn tables_past_the_end_of_the_file_refuse_a_read_write_open() {
 /// the last reference to an L2 table the active L1 still uses is now refused as corruption.
 #[test]
 fn freeing_a_data_reference_to_an_active_l2_table_is_refused() {
-    let mem = Arc::new(MemStorage::new());
-    let opts = CreateOptions {
-        size: Some(64 * 1024),
-        cluster_size: 512,
-        ..CreateOptions::default()
-    };
-    create_on(mem.clone(), &opts, None).unwrap();
+    let mem = tiny_image(16);
     let img = Image::open_storage(mem.clone(), &OpenOptions::default(), None).unwrap();
     img.write_at(&[0x11; 1024], 0).unwrap(); // L1[0]: guest 0 and 0x200
     img.write_at(&[0x22; 512], 0x8000).unwrap(); // L1[1]: 512-byte clusters, 64 per table
@@ -349,14 +344,7 @@ fn freeing_a_data_reference_to_an_active_l2_table_is_refused() {
 /// instead of fixing the leak.
 #[test]
 fn leak_repair_of_a_refcount_beyond_i64_max() {
-    let mem = Arc::new(MemStorage::new());
-    let opts = CreateOptions {
-        size: Some(64 * 1024),
-        cluster_size: 512,
-        refcount_bits: 64,
-        ..CreateOptions::default()
-    };
-    create_on(mem.clone(), &opts, None).unwrap();
+    let mem = tiny_image(64);
     let mut bytes = mem.to_vec();
     let rt = be64(&bytes, 48) as usize;
     let rb = (be64(&bytes, rt) & L2E_OFFSET_MASK) as usize;

@@ -141,18 +141,9 @@ fn with_bitmap(dir: &Path) -> PathBuf {
     p
 }
 
-/// Host offset of the first bitmap's table (walks the header extensions).
+/// Host offset of the first bitmap's table.
 fn bitmap_table_offset(p: &Path) -> u64 {
-    let mut at = u64::from(file_be32(p, H_HEADER_LENGTH));
-    loop {
-        let (magic, len) = (file_be32(p, at), u64::from(file_be32(p, at + 4)));
-        assert_ne!(magic, 0, "builder: no bitmaps extension");
-        if magic == 0x2385_2875 {
-            let dir = file_be64(p, at + 8 + 16);
-            return file_be64(p, dir);
-        }
-        at += 8 + len.div_ceil(8) * 8;
-    }
+    file_be64(p, bitmap_directory_offset(p))
 }
 
 // ---------------------------------------------------------------- cases
@@ -881,11 +872,7 @@ fn cases() -> Vec<Case> {
                 let p = with_bitmap(d);
                 qemu_img(&["bitmap", "--add", p.to_str().expect("utf-8"), "b1"]);
                 // Point the second bitmap's table at the first's (same size).
-                let mut at = u64::from(file_be32(&p, H_HEADER_LENGTH));
-                while file_be32(&p, at) != 0x2385_2875 {
-                    at += 8 + u64::from(file_be32(&p, at + 4)).div_ceil(8) * 8;
-                }
-                let dir = file_be64(&p, at + 8 + 16);
+                let dir = bitmap_directory_offset(&p);
                 let first_len = 24 + u64::from(file_be16(&p, dir + 18));
                 let second = dir + first_len.div_ceil(8) * 8;
                 patch_be64(&p, second, file_be64(&p, dir));

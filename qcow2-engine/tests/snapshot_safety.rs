@@ -25,16 +25,6 @@ const SIZE: u64 = 1 << 20;
 /// Snapshot data: 0x5a over the first `SNAP_LEN` bytes.
 const SNAP_LEN: u64 = 4 * CS;
 
-const POLICIES: &[&str] = &[
-    "provision=off",
-    "provision=full",
-    "provision=metadata",
-    "provision=thin",
-    "provision=reuse",
-    "discard=unmap",
-    "discard=unmap,discard-no-unref=on",
-];
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Discard,

@@ -21,16 +21,6 @@ use std::path::Path;
 use qcow2_engine::{create, CreateOptions, Image, Mode, OpenOptions, Provision};
 use support::*;
 
-const POLICIES: [&str; 7] = [
-    "provision=off",
-    "provision=full",
-    "provision=metadata",
-    "provision=thin",
-    "provision=reuse",
-    "discard=unmap",
-    "discard=unmap,discard-no-unref=on",
-];
-
 const THREADS: u64 = 4;
 const CHUNK: u64 = 64 << 10;
 const SIZE: u64 = 8 << 20;

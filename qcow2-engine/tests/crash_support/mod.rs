@@ -17,17 +17,6 @@ use qcow2_engine::{create_on, CreateOptions, Image, Mode, OpenOptions, Provision
 use crate::support::{Rng, TempDir};
 pub use sweep::*;
 
-/// The five provisioning modes and the two QEMU-style option sets every sweep runs under.
-pub const POLICIES: [&str; 7] = [
-    "provision=off",
-    "provision=full",
-    "provision=metadata",
-    "provision=thin",
-    "provision=reuse",
-    "discard=unmap",
-    "discard=unmap,discard-no-unref=on",
-];
-
 /// What a completed step did to the guest view.
 #[derive(Debug, Clone)]
 pub enum Effect {

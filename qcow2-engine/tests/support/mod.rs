@@ -3,6 +3,10 @@
 #![allow(dead_code)]
 
 pub mod frag;
+pub mod policies;
+
+#[allow(unused_imports)] // not every test binary runs every policy
+pub use policies::POLICIES;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -240,6 +244,20 @@ pub fn qemu_img_info_json(image: &Path) -> serde_json::Value {
     let p = image.to_str().expect("utf-8 path");
     let out = qemu_img(&["info", "--output=json", p]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("qemu-img info JSON for {p}: {e}\n{out}"))
+}
+
+/// Host offset of the persistent bitmap directory, found by walking the header
+/// extensions from `header_length` (the image must have the bitmaps extension).
+pub fn bitmap_directory_offset(p: &Path) -> u64 {
+    let mut at = u64::from(file_be32(p, 100));
+    loop {
+        let (magic, len) = (file_be32(p, at), u64::from(file_be32(p, at + 4)));
+        assert_ne!(magic, 0, "no bitmaps extension in {}", p.display());
+        if magic == 0x2385_2875 {
+            return file_be64(p, at + 8 + 16);
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
 }
 
 /// Big-endian u16 at `off` of a file.
