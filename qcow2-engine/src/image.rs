@@ -341,6 +341,7 @@ impl Image {
     }
 
     /// Virtual size in bytes.
+    #[inline]
     pub fn virtual_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
