@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -291,7 +292,17 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
+    #[inline]
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // One pread fills a buffered read in the common case; short reads (end of file,
+        // signals), errors and direct I/O take the general path.
+        if !self.direct {
+            if let Ok(n) = self.file.read_at(buf, offset) {
+                if n == buf.len() {
+                    return Ok(());
+                }
+            }
+        }
         self.do_read(buf, offset)
     }
 
