@@ -115,6 +115,8 @@ pub struct Image {
     pub(crate) looks_preallocated: std::sync::OnceLock<bool>,
     /// Shared with the metadata: see `Meta::free_gen`.
     pub(crate) free_gen: Arc<std::sync::atomic::AtomicU64>,
+    /// Host requests issued through `storage` (see `host_stats`).
+    pub(crate) host_counters: Arc<crate::host_stats::HostCounters>,
 }
 
 impl std::fmt::Debug for Image {

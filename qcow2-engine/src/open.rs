@@ -31,6 +31,8 @@ impl Image {
         dir: Option<&Path>,
         chain: &[PathBuf],
     ) -> Result<Image> {
+        // Every host request of this image goes through the counters (Image::host_stats).
+        let (storage, host_counters) = crate::host_stats::CountingStorage::wrap(storage);
         let file_len = storage
             .len()
             .map_err(Error::io("reading the image length"))?;
@@ -201,6 +203,7 @@ impl Image {
             closed: AtomicBool::new(false),
             looks_preallocated: std::sync::OnceLock::new(),
             free_gen,
+            host_counters,
         };
         if dirty && !opts.read_only {
             // Refcounts may be stale (lazy refcounts, unclean shutdown): repair as QEMU
