@@ -347,6 +347,48 @@ typedef struct qcowprov_check_result {
  */
 typedef void (*qcowprov_progress_cb)(double percent, void *user_data);
 
+/**
+ * Host requests an image handle has issued since `qcowprov_open`, filled by
+ * `qcowprov_get_stats`. Set `struct_size = sizeof(struct qcowprov_stats)` before the call.
+ *
+ * Each request counts once as the library issued it (adjacent ranges merged into one
+ * request count once), whether or not the host carried it out: a discard the file
+ * system does not support still counts. `qcowprov_create` and a backing file's own
+ * requests are not counted.
+ */
+typedef struct qcowprov_stats {
+    /**
+     * Set by the caller to `sizeof(struct qcowprov_stats)`; left unchanged.
+     */
+    uint32_t struct_size;
+    /**
+     * Reserved; written as 0.
+     */
+    uint32_t _reserved;
+    /**
+     * Host flushes: fdatasync on files, a cache flush on block devices. Includes the
+     * ones the library issues to order metadata updates, not only `qcowprov_flush`.
+     */
+    uint64_t host_flushes;
+    /**
+     * Host discards: punch hole on files, BLKDISCARD on block devices.
+     */
+    uint64_t host_discards;
+    /**
+     * Bytes covered by `host_discards`.
+     */
+    uint64_t host_discard_bytes;
+    /**
+     * Host write-zeroes requests (a range zeroed and kept allocated, or zeroed and
+     * released, as the policy says).
+     */
+    uint64_t host_zeroes;
+    /**
+     * Bytes covered by `host_zeroes`.
+     */
+    uint64_t host_zero_bytes;
+} qcowprov_stats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -697,6 +739,24 @@ int qcowprov_check(struct qcowprov_image *img,
                    struct qcowprov_check_result *result,
                    qcowprov_progress_cb progress,
                    void *user_data);
+
+/**
+ * Fills `*stats` with the host requests `img` has issued since it was opened (flushes,
+ * discards, write-zeroes). Read-only: it changes nothing and issues no I/O. The caller
+ * sets `stats->struct_size = sizeof(struct qcowprov_stats)` first.
+ *
+ * Thread-safety: thread-safe. Each counter is exact, but while other threads issue
+ * requests the counters are not read as one atomic snapshot.
+ *
+ * Returns 0 on success; `*stats` is written only then (all fields but `struct_size`).
+ * Errors: `-EINVAL` for NULL `img` or `stats`, or `stats->struct_size` smaller than the
+ * first version of the struct.
+ *
+ * # Safety
+ * `img` must be NULL or a live handle from `qcowprov_open`; `stats` NULL or valid for
+ * reads and writes of `stats->struct_size` bytes.
+ */
+int qcowprov_get_stats(struct qcowprov_image *img, struct qcowprov_stats *stats);
 
 #ifdef __cplusplus
 }  // extern "C"
