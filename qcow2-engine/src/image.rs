@@ -115,7 +115,9 @@ pub struct Image {
     pub(crate) looks_preallocated: std::sync::OnceLock<bool>,
     /// Shared with the metadata: see `Meta::free_gen`.
     pub(crate) free_gen: Arc<std::sync::atomic::AtomicU64>,
-    /// Host requests issued through `storage` (see `host_stats`).
+    /// Host requests counted under the metadata (see `host_stats`). Flushes, discards and
+    /// write-zeroes must go through `Meta::storage`, not `storage` (the data path), to be
+    /// counted.
     pub(crate) host_counters: Arc<crate::host_stats::HostCounters>,
 }
 

@@ -31,8 +31,6 @@ impl Image {
         dir: Option<&Path>,
         chain: &[PathBuf],
     ) -> Result<Image> {
-        // Every host request of this image goes through the counters (Image::host_stats).
-        let (storage, host_counters) = crate::host_stats::CountingStorage::wrap(storage);
         let file_len = storage
             .len()
             .map_err(Error::io("reading the image length"))?;
@@ -163,8 +161,12 @@ impl Image {
             _ => None,
         };
         let free_gen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // Flushes, discards and write-zeroes all go through the metadata's storage: they
+        // are counted there (Image::host_stats), and the data path pays nothing for it.
+        let (meta_storage, host_counters) =
+            crate::host_stats::CountingStorage::wrap(storage.clone());
         let meta = Meta {
-            storage: storage.clone(),
+            storage: meta_storage,
             geo,
             read_only: opts.read_only,
             l1,
