@@ -348,13 +348,12 @@ typedef struct qcowprov_check_result {
 typedef void (*qcowprov_progress_cb)(double percent, void *user_data);
 
 /**
- * Host requests an image handle has issued since `qcowprov_open`, filled by
+ * What an image handle has done on the host since `qcowprov_open`, filled by
  * `qcowprov_get_stats`. Set `struct_size = sizeof(struct qcowprov_stats)` before the call.
  *
- * Each request counts once as the library issued it (adjacent ranges merged into one
- * request count once), whether or not the host carried it out: a discard the file
- * system does not support still counts. `qcowprov_create` and a backing file's own
- * requests are not counted.
+ * Counts are of requests as the library issued them to the host file or device (adjacent
+ * ranges merged into one request count once), whether or not the host carried them out.
+ * `qcowprov_create` and a backing file's own requests are not counted.
  */
 typedef struct qcowprov_stats {
     /**
@@ -371,22 +370,23 @@ typedef struct qcowprov_stats {
      */
     uint64_t host_flushes;
     /**
-     * Host discards: punch hole on files, BLKDISCARD on block devices.
+     * Host discards or write-zeroes that failed (advisory: the image stays correct, the
+     * host just keeps the space or the old bytes).
      */
-    uint64_t host_discards;
+    uint64_t host_op_failures;
     /**
-     * Bytes covered by `host_discards`.
+     * Releases of the freed-cluster quarantine (each one barrier): freed clusters wait
+     * there until one flush makes the entries that dropped them durable.
      */
-    uint64_t host_discard_bytes;
+    uint64_t quarantine_releases;
     /**
-     * Host write-zeroes requests (a range zeroed and kept allocated, or zeroed and
-     * released, as the policy says).
+     * Cluster references waiting in the quarantine now.
      */
-    uint64_t host_zeroes;
+    uint64_t quarantined;
     /**
-     * Bytes covered by `host_zeroes`.
+     * First byte past every allocated host cluster: the file length the image needs.
      */
-    uint64_t host_zero_bytes;
+    uint64_t allocation_end;
 } qcowprov_stats;
 
 #ifdef __cplusplus
@@ -741,8 +741,9 @@ int qcowprov_check(struct qcowprov_image *img,
                    void *user_data);
 
 /**
- * Fills `*stats` with the host requests `img` has issued since it was opened (flushes,
- * discards, write-zeroes). Read-only: it changes nothing and issues no I/O. The caller
+ * Fills `*stats` with what `img` has done on the host since it was opened (flushes,
+ * quarantine barriers, failed host operations, allocation end). Read-only: it changes
+ * nothing and issues no I/O. The caller
  * sets `stats->struct_size = sizeof(struct qcowprov_stats)` first.
  *
  * Thread-safety: thread-safe. Each counter is exact, but while other threads issue
@@ -750,7 +751,7 @@ int qcowprov_check(struct qcowprov_image *img,
  *
  * Returns 0 on success; `*stats` is written only then (all fields but `struct_size`).
  * Errors: `-EINVAL` for NULL `img` or `stats`, or `stats->struct_size` smaller than the
- * first version of the struct.
+ * first version of the struct; `-EIO` for a handle that failed earlier.
  *
  * # Safety
  * `img` must be NULL or a live handle from `qcowprov_open`; `stats` NULL or valid for
