@@ -370,6 +370,15 @@ typedef struct qcowprov_stats {
      */
     uint64_t host_flushes;
     /**
+     * Host discards: punch hole on files, BLKDISCARD on block devices.
+     */
+    uint64_t host_discards;
+    /**
+     * Host write-zeroes: a range zeroed and kept allocated (anchored), or zeroed with
+     * leave to release it.
+     */
+    uint64_t host_zeroes;
+    /**
      * Host discards or write-zeroes that failed (advisory: the image stays correct, the
      * host just keeps the space or the old bytes).
      */
@@ -742,7 +751,7 @@ int qcowprov_check(struct qcowprov_image *img,
 
 /**
  * Fills `*stats` with what `img` has done on the host since it was opened (flushes,
- * quarantine barriers, failed host operations, allocation end). Read-only: it changes
+ * discards, write-zeroes, failed host operations, quarantine barriers, allocation end). Read-only: it changes
  * nothing and issues no I/O. The caller
  * sets `stats->struct_size = sizeof(struct qcowprov_stats)` first.
  *
@@ -757,7 +766,8 @@ int qcowprov_check(struct qcowprov_image *img,
  * `img` must be NULL or a live handle from `qcowprov_open`; `stats` NULL or valid for
  * reads and writes of `stats->struct_size` bytes.
  */
-int qcowprov_get_stats(struct qcowprov_image *img, struct qcowprov_stats *stats);
+int qcowprov_get_stats(struct qcowprov_image *img,
+                       struct qcowprov_stats *stats);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -26,6 +26,11 @@ pub struct QcowprovStats {
     /// Host flushes: fdatasync on files, a cache flush on block devices. Includes the
     /// ones the library issues to order metadata updates, not only `qcowprov_flush`.
     pub host_flushes: u64,
+    /// Host discards: punch hole on files, BLKDISCARD on block devices.
+    pub host_discards: u64,
+    /// Host write-zeroes: a range zeroed and kept allocated (anchored), or zeroed with
+    /// leave to release it.
+    pub host_zeroes: u64,
     /// Host discards or write-zeroes that failed (advisory: the image stays correct, the
     /// host just keeps the space or the old bytes).
     pub host_op_failures: u64,
@@ -38,18 +43,20 @@ pub struct QcowprovStats {
     pub allocation_end: u64,
 }
 
-const_assert_eq!(size_of::<QcowprovStats>(), 48);
+const_assert_eq!(size_of::<QcowprovStats>(), 64);
 const_assert_eq!(offset_of!(QcowprovStats, struct_size), 0);
 const_assert_eq!(offset_of!(QcowprovStats, _reserved), 4);
 const_assert_eq!(offset_of!(QcowprovStats, host_flushes), 8);
-const_assert_eq!(offset_of!(QcowprovStats, host_op_failures), 16);
-const_assert_eq!(offset_of!(QcowprovStats, quarantine_releases), 24);
-const_assert_eq!(offset_of!(QcowprovStats, quarantined), 32);
-const_assert_eq!(offset_of!(QcowprovStats, allocation_end), 40);
+const_assert_eq!(offset_of!(QcowprovStats, host_discards), 16);
+const_assert_eq!(offset_of!(QcowprovStats, host_zeroes), 24);
+const_assert_eq!(offset_of!(QcowprovStats, host_op_failures), 32);
+const_assert_eq!(offset_of!(QcowprovStats, quarantine_releases), 40);
+const_assert_eq!(offset_of!(QcowprovStats, quarantined), 48);
+const_assert_eq!(offset_of!(QcowprovStats, allocation_end), 56);
 
 /// Size of the first version of `struct qcowprov_stats`, the smallest accepted
 /// `struct_size`.
-const STATS_V1_SIZE: usize = 48;
+const STATS_V1_SIZE: usize = 64;
 
 impl Default for QcowprovStats {
     /// Zeros, with `struct_size` set (for Rust callers).
@@ -58,6 +65,8 @@ impl Default for QcowprovStats {
             struct_size: size_of::<QcowprovStats>() as u32,
             _reserved: 0,
             host_flushes: 0,
+            host_discards: 0,
+            host_zeroes: 0,
             host_op_failures: 0,
             quarantine_releases: 0,
             quarantined: 0,
@@ -67,7 +76,7 @@ impl Default for QcowprovStats {
 }
 
 /// Fills `*stats` with what `img` has done on the host since it was opened (flushes,
-/// quarantine barriers, failed host operations, allocation end). Read-only: it changes
+/// discards, write-zeroes, failed host operations, quarantine barriers, allocation end). Read-only: it changes
 /// nothing and issues no I/O. The caller
 /// sets `stats->struct_size = sizeof(struct qcowprov_stats)` first.
 ///
@@ -98,6 +107,8 @@ pub unsafe extern "C" fn qcowprov_get_stats(
             struct_size: caller_size,
             _reserved: 0,
             host_flushes: s.host_flushes,
+            host_discards: s.host_discards,
+            host_zeroes: s.host_zeroes,
             host_op_failures: s.host_op_failures,
             quarantine_releases: s.quarantine_releases,
             quarantined: s.quarantined,

@@ -136,9 +136,10 @@ SA(offsetof(struct qcowprov_status, host_offset) == 16);
 SA(offsetof(struct qcowprov_status, depth) == 24);
 SA(sizeof(struct qcowprov_check_result) == 88);
 SA(offsetof(struct qcowprov_check_result, image_end_offset) == 80);
-SA(sizeof(struct qcowprov_stats) == 48);
+SA(sizeof(struct qcowprov_stats) == 64);
 SA(offsetof(struct qcowprov_stats, host_flushes) == 8);
-SA(offsetof(struct qcowprov_stats, allocation_end) == 40);
+SA(offsetof(struct qcowprov_stats, host_zeroes) == 24);
+SA(offsetof(struct qcowprov_stats, allocation_end) == 56);
 SA(QCOWPROV_OPEN_RDONLY == 1 && QCOWPROV_OPEN_DIRECT == 2 && QCOWPROV_OPEN_NO_BACKING == 4 &&
    QCOWPROV_OPEN_CHECK == 8);
 SA(QCOWPROV_WRITE_FUA == 1 && QCOWPROV_ZERO_MAY_UNMAP == 1);

@@ -27,18 +27,18 @@ fn flush(img: *mut QcowprovImage) {
 }
 
 /// Discarding 1 MiB of data (16 clusters, adjacent on the host: one merged request)
-/// under each policy: (options, discarded bytes, zeroed bytes) sent to the host.
+/// under each policy: (options, host discards, host write-zeroes) it issues.
 #[test]
 fn each_policy_sends_what_its_host_layer_says() {
     let dir = TempDir::new("stats");
-    for (i, (opts, _discarded, _zeroed)) in [
+    for (i, (opts, discards, zeroes)) in [
         ("provision=off", 0, 0),
-        ("provision=full", 0, MIB),
-        ("provision=metadata", MIB, 0),
-        ("provision=thin", MIB, 0),
+        ("provision=full", 0, 1),
+        ("provision=metadata", 1, 0),
+        ("provision=thin", 1, 0),
         ("provision=reuse", 0, 0),
-        ("discard=unmap", MIB, 0),
-        ("discard=unmap,discard-no-unref=on", MIB, 0),
+        ("discard=unmap", 1, 0),
+        ("discard=unmap,discard-no-unref=on", 1, 0),
         (
             "discard=unmap,discard-no-unref=on,pass-discard-request=off",
             0,
@@ -63,6 +63,17 @@ fn each_policy_sends_what_its_host_layer_says() {
         assert_eq!(r, 0, "{}", last_error());
         flush(img);
         let s1 = stats(img);
+        assert_eq!(
+            s1.host_discards - s0.host_discards,
+            discards,
+            "{opts}: {s1:?}"
+        );
+        assert_eq!(s1.host_zeroes - s0.host_zeroes, zeroes, "{opts}: {s1:?}");
+        assert_eq!(s1.host_op_failures, 0, "{opts}: {s1:?}");
+        assert_eq!(
+            s1.quarantined, 0,
+            "{opts}: a flush releases the quarantine: {s1:?}"
+        );
         assert!(s1.host_flushes > s0.host_flushes, "{opts}: {s1:?}");
         // A flush with nothing pending is exactly one host flush.
         flush(img);
@@ -95,6 +106,8 @@ fn bad_arguments_leave_the_struct_alone() {
         struct_size: 47,
         _reserved: 7,
         host_flushes: 7,
+        host_discards: 7,
+        host_zeroes: 7,
         host_op_failures: 7,
         quarantine_releases: 7,
         quarantined: 7,

@@ -1,7 +1,7 @@
 /*
  * stats-strace IMAGE OPTIONS: a small workload (writes, a discard, rewrites,
  * flushes) on an existing image, then qcowprov_get_stats printed as
- * "flushes=N" and an exit
+ * "flushes=N discards=N zeroes=N" and an exit
  * without closing the image, so that every fdatasync the process made is one
  * the counters saw. t-stats.sh runs it under strace and compares.
  */
@@ -46,7 +46,8 @@ int main(int argc, char **argv)
         report("stats-strace", "get_stats", r);
         return 1;
     }
-    printf("flushes=%llu\n", (unsigned long long)s.host_flushes);
+    printf("flushes=%llu discards=%llu zeroes=%llu\n", (unsigned long long)s.host_flushes,
+           (unsigned long long)s.host_discards, (unsigned long long)s.host_zeroes);
     fflush(stdout);
     /* No qcowprov_close: its flush would be an fdatasync after the counters were read. */
     _exit(0);

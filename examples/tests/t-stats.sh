@@ -33,11 +33,30 @@ for opts in provision=off provision=full provision=metadata provision=thin provi
     fi
     eval "$(sed 's/ /; /g' "$T/out")"
     traced_flushes=$(count 'fsync(\|fdatasync(' "$T/trace")
+    punches=$(count 'fallocate(.*PUNCH_HOLE' "$T/trace")
+    zero_calls=$(grep 'fallocate(' "$T/trace" | grep -v -c PUNCH_HOLE || true)
     # shellcheck disable=SC2154 # set by the eval
     if [ "$flushes" -gt 0 ] && [ "$flushes" -eq "$traced_flushes" ]; then
         pass "$opts: host_flushes $flushes = fdatasync/fsync calls"
     else
         fail "$opts: host_flushes $flushes = fdatasync/fsync calls ($traced_flushes)" "$T/trace"
+    fi
+    # shellcheck disable=SC2154
+    if [ "$discards" -eq "$punches" ]; then
+        pass "$opts: host_discards $discards = holes punched"
+    else
+        fail "$opts: host_discards $discards = holes punched ($punches)" "$T/trace"
+    fi
+    # Only an anchoring host layer zeroes; each request is at least one fallocate (the
+    # first may probe FALLOC_FL_WRITE_ZEROES and fall back to ZERO_RANGE).
+    want=0 got=0
+    [ "$opts" = provision=full ] && want=1
+    # shellcheck disable=SC2154
+    [ "$zeroes" -gt 0 ] && got=1
+    if [ "$zero_calls" -ge "$zeroes" ] && [ "$got" -eq "$want" ]; then
+        pass "$opts: host_zeroes $zeroes (zeroing fallocate calls: $zero_calls)"
+    else
+        fail "$opts: host_zeroes $zeroes (zeroing fallocate calls: $zero_calls)" "$T/trace"
     fi
     if qemu-img check -q "$img" > "$T/check" 2>&1; then
         pass "$opts: qemu-img check clean"
