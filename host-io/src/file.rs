@@ -134,6 +134,9 @@ pub struct FileStorage {
     pub(crate) rmw: RwLock<()>,
     /// Flushes issued (statistics).
     flushes: std::sync::atomic::AtomicU64,
+    /// Discard and write-zeroes calls (statistics).
+    discards: std::sync::atomic::AtomicU64,
+    zeroes: std::sync::atomic::AtomicU64,
 }
 
 impl FileStorage {
@@ -198,6 +201,8 @@ impl FileStorage {
             probes: Probes::default(),
             rmw: RwLock::new(()),
             flushes: Default::default(),
+            discards: Default::default(),
+            zeroes: Default::default(),
         };
         for p in &opts.disabled {
             s.disable_primitive(*p);
@@ -328,6 +333,14 @@ impl Storage for FileStorage {
         self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn discard_count(&self) -> u64 {
+        self.discards.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn zero_count(&self) -> u64 {
+        self.zeroes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn len(&self) -> io::Result<u64> {
         let _guard = self.rmw.read().unwrap_or_else(|e| e.into_inner());
         self.raw_len()
@@ -351,10 +364,14 @@ impl Storage for FileStorage {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<DiscardOutcome> {
+        self.discards
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.do_discard(offset, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> io::Result<ZeroMethod> {
+        self.zeroes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.do_write_zeroes(offset, len, mode)
     }
 
