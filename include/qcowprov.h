@@ -60,6 +60,13 @@
 #define QCOWPROV_ZERO_MAY_UNMAP 1
 
 /**
+ * `qcowprov_write_zeroes` flag: fail with `-ENOTSUP` instead of writing zero bytes where
+ * the range cannot be zeroed as metadata (QEMU's `BDRV_REQ_NO_FALLBACK`; NBD's fast
+ * zero). Parts already done stay done: the range then holds zeros or its old data.
+ */
+#define QCOWPROV_ZERO_NO_FALLBACK 2
+
+/**
  * Block status flag: the range reads as stored data (not known to be zero).
  */
 #define QCOWPROV_STATUS_DATA 1
@@ -643,13 +650,17 @@ int64_t qcowprov_pwritev(struct qcowprov_image *img,
 int qcowprov_discard(struct qcowprov_image *img, uint64_t offset, uint64_t len);
 
 /**
- * Makes guest bytes `[offset, offset + len)` read as zeros. `flags`: 0 or
- * `QCOWPROV_ZERO_MAY_UNMAP` (the policy may then release the space).
+ * Makes guest bytes `[offset, offset + len)` read as zeros. `flags`: 0 or a combination
+ * of `QCOWPROV_ZERO_MAY_UNMAP` (the policy may then release the space) and
+ * `QCOWPROV_ZERO_NO_FALLBACK` (fail with `-ENOTSUP` rather than write zero bytes).
  *
  * Thread-safety: thread-safe.
  *
  * Returns 0 on success. Errors: `-EINVAL` for NULL `img`, unknown flags or a range beyond
- * the virtual size; `-EROFS` on a read-only image; `-ENOSPC`, `-EIO`, ... from the host.
+ * the virtual size; `-EROFS` on a read-only image; `-ENOTSUP` with
+ * `QCOWPROV_ZERO_NO_FALLBACK` where zero bytes would have to be written (an unaligned part
+ * that does not already read zero, a compressed cluster, a version 2 image with a backing
+ * file); `-ENOSPC`, `-EIO`, ... from the host.
  *
  * # Safety
  * `img` must be NULL or a live handle from `qcowprov_open`.

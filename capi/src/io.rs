@@ -15,6 +15,10 @@ pub const QCOWPROV_WRITE_FUA: u32 = 1;
 /// `qcowprov_write_zeroes` flag: the policy may release the range instead of writing
 /// zeros (a discard that guarantees zeros).
 pub const QCOWPROV_ZERO_MAY_UNMAP: u32 = 1;
+/// `qcowprov_write_zeroes` flag: fail with `-ENOTSUP` instead of writing zero bytes where
+/// the range cannot be zeroed as metadata (QEMU's `BDRV_REQ_NO_FALLBACK`; NBD's fast
+/// zero). Parts already done stay done: the range then holds zeros or its old data.
+pub const QCOWPROV_ZERO_NO_FALLBACK: u32 = 2;
 
 /// Reads `len` bytes of guest data at `offset` into `buf`.
 ///
@@ -226,13 +230,17 @@ pub unsafe extern "C" fn qcowprov_discard(img: *mut QcowprovImage, offset: u64, 
     })
 }
 
-/// Makes guest bytes `[offset, offset + len)` read as zeros. `flags`: 0 or
-/// `QCOWPROV_ZERO_MAY_UNMAP` (the policy may then release the space).
+/// Makes guest bytes `[offset, offset + len)` read as zeros. `flags`: 0 or a combination
+/// of `QCOWPROV_ZERO_MAY_UNMAP` (the policy may then release the space) and
+/// `QCOWPROV_ZERO_NO_FALLBACK` (fail with `-ENOTSUP` rather than write zero bytes).
 ///
 /// Thread-safety: thread-safe.
 ///
 /// Returns 0 on success. Errors: `-EINVAL` for NULL `img`, unknown flags or a range beyond
-/// the virtual size; `-EROFS` on a read-only image; `-ENOSPC`, `-EIO`, ... from the host.
+/// the virtual size; `-EROFS` on a read-only image; `-ENOTSUP` with
+/// `QCOWPROV_ZERO_NO_FALLBACK` where zero bytes would have to be written (an unaligned part
+/// that does not already read zero, a compressed cluster, a version 2 image with a backing
+/// file); `-ENOSPC`, `-EIO`, ... from the host.
 ///
 /// # Safety
 /// `img` must be NULL or a live handle from `qcowprov_open`.
@@ -246,8 +254,19 @@ pub unsafe extern "C" fn qcowprov_write_zeroes(
     guard(|| {
         // SAFETY: the caller guarantees `img` is NULL or live.
         let img = unsafe { image(img) }?;
-        args::known_flags(flags, QCOWPROV_ZERO_MAY_UNMAP, "flags")?;
-        img.write_zeroes(offset, len, flags & QCOWPROV_ZERO_MAY_UNMAP != 0)?;
+        args::known_flags(
+            flags,
+            QCOWPROV_ZERO_MAY_UNMAP | QCOWPROV_ZERO_NO_FALLBACK,
+            "flags",
+        )?;
+        img.write_zeroes_with(
+            offset,
+            len,
+            qcow2_engine::ZeroFlags {
+                may_unmap: flags & QCOWPROV_ZERO_MAY_UNMAP != 0,
+                no_fallback: flags & QCOWPROV_ZERO_NO_FALLBACK != 0,
+            },
+        )?;
         Ok(0)
     })
 }

@@ -55,7 +55,7 @@ pub use info::{
 };
 pub use io::{
     qcowprov_discard, qcowprov_pread, qcowprov_preadv, qcowprov_pwrite, qcowprov_pwritev,
-    qcowprov_write_zeroes, QCOWPROV_WRITE_FUA, QCOWPROV_ZERO_MAY_UNMAP,
+    qcowprov_write_zeroes, QCOWPROV_WRITE_FUA, QCOWPROV_ZERO_MAY_UNMAP, QCOWPROV_ZERO_NO_FALLBACK,
 };
 pub use stats::{qcowprov_get_stats, QcowprovStats};
 pub use status::{

@@ -2,7 +2,8 @@
 //! in every policy, in one run: time, ratio to provision=metadata, host flushes, quarantine
 //! releases, file length. Runs each policy REPS times (default 3) and keeps the fastest.
 //!
-//! `cargo run --release -p qcow2-engine --example replay [DIR] [REPS] [POLICY-FILTER]`
+//! `cargo run --release -p qcow2-engine --example replay [DIR] [REPS] [POLICY-FILTER] [OPTIONS]`
+//! (OPTIONS are added to every run, e.g. `cache.direct=on`).
 
 #[path = "../tests/support/policies.rs"]
 mod policies;
@@ -20,6 +21,8 @@ fn main() {
         .join(format!("qcowprov-replay-{}", std::process::id()));
     let reps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let filter = args.next().unwrap_or_default();
+    // Extra open options for every run, e.g. cache.direct=on.
+    let extra = args.next().unwrap_or_default();
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("img.qcow2");
     let ops = replay::ops(7);
@@ -35,8 +38,13 @@ fn main() {
         .iter()
         .filter(|p| p.contains(&filter) || **p == "provision=metadata")
         .map(|p| {
+            let opts = if extra.is_empty() {
+                p.to_string()
+            } else {
+                format!("{p},{extra}")
+            };
             let best = (0..reps)
-                .map(|_| replay::run_engine(&path, p, &ops))
+                .map(|_| replay::run_engine(&path, &opts, &ops))
                 .min_by_key(|r| r.time)
                 .unwrap();
             (*p, best)

@@ -166,6 +166,9 @@ pub struct Image {
     pub(crate) closed: AtomicBool,
     /// A panic interrupted metadata work: every call fails, nothing is flushed.
     pub(crate) failed: AtomicBool,
+    /// A request completed since the last flush (else a flush with clean metadata has
+    /// nothing to make durable and skips the host flush, as QEMU does).
+    pub(crate) unsynced: AtomicBool,
     /// Whether the image looks metadata-preallocated (decided at the first block status
     /// query, as QEMU does): data clusters are then checked for holes in the file.
     pub(crate) looks_preallocated: OnceLock<bool>,
@@ -291,6 +294,7 @@ impl Image {
     /// End a plan: drop its pins and claims; commit its edits if the I/O succeeded, give
     /// its fresh clusters back if it failed.
     pub(crate) fn finish(&self, st: &mut State, plan: Plan, result: Result<u64>) -> Result<()> {
+        self.unsynced.store(true, Ordering::Release);
         for &c in &plan.pins {
             st.meta.alloc.unpin(c);
         }
@@ -434,7 +438,13 @@ impl Image {
 
     /// Make every completed write durable.
     pub fn flush(&self) -> Result<()> {
-        self.lock()?.meta.flush()
+        let mut st = self.lock()?;
+        if !self.unsynced.swap(false, Ordering::AcqRel) && st.meta.is_clean() {
+            return Ok(());
+        }
+        st.meta
+            .flush()
+            .inspect_err(|_| self.unsynced.store(true, Ordering::Release))
     }
 
     /// Flush and close, reporting a flush error (dropping an image flushes silently).
@@ -445,12 +455,13 @@ impl Image {
     }
 
     fn close_inner(&self) -> Result<()> {
-        let mut st = self.lock()?;
+        let st = self.lock()?;
         if self.read_only {
             return Ok(());
         }
-        st.meta.flush()?;
-        st.meta.finish_clean_close()
+        drop(st);
+        self.flush()?;
+        self.lock()?.meta.finish_clean_close()
     }
 }
 

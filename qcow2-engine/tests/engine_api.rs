@@ -590,3 +590,45 @@ fn a_panic_under_the_metadata_lock_fails_the_handle() {
         "a failed handle wrote to the image"
     );
 }
+
+/// `no_fallback` (QEMU's BDRV_REQ_NO_FALLBACK, NBD's fast zero): write-zeroes that would
+/// have to write zero bytes fails with ENOTSUP and changes nothing there; what can be
+/// zeroed as metadata still is.
+#[test]
+fn write_zeroes_without_fallback() {
+    use qcow2_engine::ZeroFlags;
+    let cs = 65536u64;
+    let mem = Arc::new(MemStorage::new());
+    create_on(
+        mem.clone(),
+        &CreateOptions {
+            size: Some(1 << 20),
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    let img = Image::open_storage(mem, &OpenOptions::default(), None).unwrap();
+    img.write_at(&vec![7u8; (2 * cs) as usize], 0).unwrap();
+    let fast = ZeroFlags {
+        may_unmap: true,
+        no_fallback: true,
+    };
+    // Whole clusters: metadata only.
+    img.write_zeroes_with(0, cs, fast).unwrap();
+    let mut b = vec![1u8; cs as usize];
+    img.read_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    // Part of a cluster holding data: would need zero bytes.
+    let e = img.write_zeroes_with(cs + 512, 1024, fast).unwrap_err();
+    assert_eq!(e.errno(), 95, "ENOTSUP: {e}");
+    img.read_at(&mut b, cs).unwrap();
+    assert!(b.iter().all(|&x| x == 7), "nothing was written");
+    // Part of a cluster that already reads zero: done as metadata.
+    img.write_zeroes_with(512, 1024, fast).unwrap();
+    // Without the flag the same request writes zero bytes.
+    img.write_zeroes(cs + 512, 1024, true).unwrap();
+    img.read_at(&mut b, cs).unwrap();
+    assert!(b[512..1536].iter().all(|&x| x == 0) && b[0] == 7 && b[2000] == 7);
+    img.close().unwrap();
+}

@@ -215,6 +215,7 @@ impl Image {
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
             looks_preallocated: OnceLock::new(),
             free_gen,
             fast,

@@ -28,6 +28,11 @@ impl HostOps {
         }
     }
 
+    /// Whether no discard waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.deferred.is_empty()
+    }
+
     /// Count a failed (advisory) host operation.
     pub(crate) fn failed(&mut self) {
         self.failures += 1;

@@ -156,6 +156,15 @@ impl Meta {
         self.sync()
     }
 
+    /// Whether nothing waits to be made durable: no quarantined or deferred work, no
+    /// dirty table.
+    pub(crate) fn is_clean(&self) -> bool {
+        self.alloc.quarantined() == 0
+            && self.host_ops.is_empty()
+            && !self.mapping.l2.has_dirty()
+            && !self.refcounts.blocks.has_dirty()
+    }
+
     /// After a successful flush on close: clear the dirty bit this handle set.
     pub(crate) fn finish_clean_close(&mut self) -> Result<()> {
         let storage = self.storage.clone();
