@@ -13,7 +13,7 @@
  *   NBD_CMD_READ                      qcowprov_pread
  *   NBD_CMD_WRITE [FUA]               qcowprov_pwrite [QCOWPROV_WRITE_FUA]
  *   NBD_CMD_FLUSH                     qcowprov_flush
- *   NBD_CMD_TRIM [FUA]                qcowprov_discard [+ flush]
+ *   NBD_CMD_TRIM [FUA]                qcowprov_discard [+ flush] (-ENOTSUP: ignored)
  *   NBD_CMD_WRITE_ZEROES [!NO_HOLE]   qcowprov_write_zeroes [QCOWPROV_ZERO_MAY_UNMAP]
  *   NBD_CMD_BLOCK_STATUS              qcowprov_block_status: hole = no data, zero = reads
  *                                     as zeros (what qemu-nbd reports for base:allocation)
@@ -287,6 +287,13 @@ static int qp_trim(void *h, uint32_t count, uint64_t offset, uint32_t flags)
 
     (void) h;
     rc = qcowprov_discard(img, offset, count);
+    /* A trim is advice: where the image cannot discard at all (a version 2 image with a
+     * backing file), nothing is done and the request succeeds, as in qemu-nbd (QEMU's block
+     * layer drops a driver's -ENOTSUP from discard). */
+    if (rc == -ENOTSUP) {
+        nbdkit_debug("qcowprov: trim ignored: %s", qcowprov_last_error());
+        rc = 0;
+    }
     if (rc < 0)
         return fail("trim", rc);
     if (flags & NBDKIT_FLAG_FUA) {
