@@ -95,9 +95,14 @@ DISK="-device virtio-blk-pci,drive=d0,discard_granularity=65536"
 
 # row NAME KIND OPTIONS: churn boot + verify boot on a copy of the old image; writes
 # $T/NAME.row ("name<TAB>len%<TAB>alloc%<TAB>check<TAB>seconds<TAB>files") or $T/NAME.why.
+# key NAME: a directory name for a row (QEMU's option syntax splits paths at commas)
+key() {
+    echo "$1" | tr ' ,=' '_+-'
+}
+
 row() {
     name=$1 kind=$2 opts=$3
-    d=$T/$name
+    d=$T/$(key "$name")
     mkdir -p "$d"
     img=$d/disk.qcow2
     cp --sparse=always "$OLD" "$img"
@@ -177,8 +182,9 @@ printf 'run\tfile_len_pct\thost_alloc_pct\tcheck\n' > "$RESULTS.tmp"
 printf '%-40s %9s %11s %7s %6s  %s\n' run "file len" "host alloc" seconds files "qemu-img check"
 while IFS= read -r name; do
     [ -n "$name" ] || continue
-    if [ -f "$T/$name.row" ]; then
-        IFS='	' read -r n len alloc check secs files < "$T/$name.row"
+    k=$(key "$name")
+    if [ -f "$T/$k.row" ]; then
+        IFS='	' read -r n len alloc check secs files < "$T/$k.row"
         printf '%s\t%s\t%s\t%s\n' "$n" "$len" "$alloc" "$check" >> "$RESULTS.tmp"
         printf '%-40s %8s%% %10s%% %7s %6s  %s\n' "$n" "$len" "$alloc" "$secs" "$files" "$check"
     fi
@@ -194,15 +200,16 @@ pct() {
 }
 while IFS= read -r name; do
     [ -n "$name" ] || continue
-    if [ -f "$T/$name.why" ]; then
-        fail "$name: churn and verify boots" "$T/$name.why"
+    k=$(key "$name")
+    if [ -f "$T/$k.why" ]; then
+        fail "$name: churn and verify boots" "$T/$k.why"
         continue
     fi
     check=$(pct "$name" 4)
     if [ "$check" = clean ]; then
         pass "$name: guest data verified after a cold boot, qemu-img check clean"
     else
-        fail "$name: qemu-img check clean" "$check" "$T/$name/check.out"
+        fail "$name: qemu-img check clean" "$check" "$T/$k/check.out"
     fi
     len=$(pct "$name" 2)
     alloc=$(pct "$name" 3)

@@ -179,8 +179,11 @@ EOF
         fail "export of [$1] $2: $got" "$T/adv.json"
     fi
 }
+# Fast zero is advertised exactly when the library has a no-fallback write-zeroes.
+FAST=false
+grep -q 'define QCOWPROV_ZERO_NO_FALLBACK' "$EX/../include/qcowprov.h" && FAST=true
 COMMON="export-size=16777216 block_size_minimum=1 block_size_maximum=33554432 can_multi_conn=true \
-can_fua=true can_flush=true can_trim=true can_zero=true can_fast_zero=false can_cache=false is_rotational=false"
+can_fua=true can_flush=true can_trim=true can_zero=true can_fast_zero=$FAST can_cache=false is_rotational=false"
 advertises "" "" "$COMMON is_read_only=false block_size_preferred=65536"
 advertises "" readonly=true "is_read_only=true block_size_preferred=65536 can_multi_conn=true"
 advertises cluster_size=2M "" "$COMMON block_size_preferred=2097152"

@@ -15,6 +15,7 @@
  *   NBD_CMD_FLUSH                     qcowprov_flush
  *   NBD_CMD_TRIM [FUA]                qcowprov_discard [+ flush] (-ENOTSUP: ignored)
  *   NBD_CMD_WRITE_ZEROES [!NO_HOLE]   qcowprov_write_zeroes [QCOWPROV_ZERO_MAY_UNMAP]
+ *                [FAST_ZERO]         [QCOWPROV_ZERO_NO_FALLBACK: -ENOTSUP, not zero bytes]
  *   NBD_CMD_BLOCK_STATUS              qcowprov_block_status: hole = no data, zero = reads
  *                                     as zeros (what qemu-nbd reports for base:allocation)
  * Errors go back to the client as the library's errno, with its message logged through
@@ -216,13 +217,18 @@ static int qp_can_zero(void *h)
     return 1;
 }
 
-/* Fast zero needs a write-zeroes that fails instead of writing zero bytes(QEMU's
- * BDRV_REQ_NO_FALLBACK), which the C API does not offer yet: not advertised, so clients
- * do not send it (and nbdkit fails any that come with ENOTSUP). */
+/* Fast zero (NBD_CMD_FLAG_FAST_ZERO) needs a write-zeroes that fails with -ENOTSUP instead
+ * of writing zero bytes (QEMU's BDRV_REQ_NO_FALLBACK): QCOWPROV_ZERO_NO_FALLBACK. Built
+ * against a header without it, fast zero is not advertised, so clients do not send it
+ * (and nbdkit fails any that come with ENOTSUP itself). */
 static int qp_can_fast_zero(void *h)
 {
     (void) h;
+#ifdef QCOWPROV_ZERO_NO_FALLBACK
+    return 1;
+#else
     return 0;
+#endif
 }
 
 /* FUA on writes is the library's own; on trim and zero it is a flush after the call. */
@@ -311,11 +317,21 @@ static int qp_zero(void *h, uint32_t count, uint64_t offset, uint32_t flags)
 
     (void) h;
     if (flags & NBDKIT_FLAG_FAST_ZERO) {
+#ifdef QCOWPROV_ZERO_NO_FALLBACK
+        zflags |= QCOWPROV_ZERO_NO_FALLBACK;
+#else
         /* Not advertised (see qp_can_fast_zero); refuse rather than write zero bytes. */
         nbdkit_set_error(ENOTSUP);
         return -1;
+#endif
     }
     rc = qcowprov_write_zeroes(img, offset, count, zflags);
+    if (rc == -ENOTSUP && (flags & NBDKIT_FLAG_FAST_ZERO)) {
+        /* The honest answer to a fast zero that would cost data writes: not an error to
+         * log, the client falls back to its own writes. */
+        nbdkit_set_error(ENOTSUP);
+        return -1;
+    }
     if (rc < 0)
         return fail("write zeroes", rc);
     if (flags & NBDKIT_FLAG_FUA) {
