@@ -131,6 +131,8 @@ pub struct FileStorage {
     pub(crate) probes: Probes,
     /// Serialises direct-mode read-modify-write against other writes and length changes.
     pub(crate) rmw: RwLock<()>,
+    /// Flushes issued (statistics).
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 impl FileStorage {
@@ -194,6 +196,7 @@ impl FileStorage {
             queue,
             probes: Probes::default(),
             rmw: RwLock::new(()),
+            flushes: Default::default(),
         };
         for p in &opts.disabled {
             s.disable_primitive(*p);
@@ -305,7 +308,13 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.file.sync_data()
+    }
+
+    fn flush_count(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -35,6 +35,10 @@ pub enum Error {
     /// A limit of the format was hit (L1 or refcount table size, refcount width).
     #[error("too large: {0}")]
     TooLarge(String),
+    /// The handle failed earlier (an internal error interrupted a metadata update); it
+    /// refuses all I/O.
+    #[error("image handle failed: {0}")]
+    Failed(String),
 }
 
 /// Result alias for the engine.
@@ -51,6 +55,7 @@ impl Error {
             Error::Unsupported(_) => 95, // ENOTSUP
             Error::ReadOnly(_) => 30,    // EROFS
             Error::TooLarge(_) => 27,    // EFBIG
+            Error::Failed(_) => libc_eio(),
         }
     }
 
