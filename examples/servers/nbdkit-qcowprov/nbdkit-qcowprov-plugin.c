@@ -110,7 +110,8 @@ static int qp_config_complete(void)
     "                      discard=ignore|unmap,discard-no-unref=on|off,\n" \
     "                      pass-discard-request|snapshot|other=on|off\n" \
     "                      detect-zeroes=off|on|unmap, cache.direct=on,\n" \
-    "                      l2-cache-size=BYTES, refcount-cache-size=BYTES\n" \
+    "                      l2-cache-size=BYTES, refcount-cache-size=BYTES,\n" \
+    "                      quarantine-slack=BYTES\n" \
     "                    (default: provision=metadata on qcow2 v3, thin on v2).\n" \
     "readonly=true       Open the image read-only (nbdkit -r alone still opens it\n" \
     "                    read-write and only refuses writes)."
