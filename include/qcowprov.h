@@ -347,6 +347,57 @@ typedef struct qcowprov_check_result {
  */
 typedef void (*qcowprov_progress_cb)(double percent, void *user_data);
 
+/**
+ * What an image handle has done on the host since `qcowprov_open`, filled by
+ * `qcowprov_get_stats`. Set `struct_size = sizeof(struct qcowprov_stats)` before the call.
+ *
+ * Counts are of requests as the library issued them to the host file or device (adjacent
+ * ranges merged into one request count once), whether or not the host carried them out.
+ * `qcowprov_create` and a backing file's own requests are not counted.
+ */
+typedef struct qcowprov_stats {
+    /**
+     * Set by the caller to `sizeof(struct qcowprov_stats)`; left unchanged.
+     */
+    uint32_t struct_size;
+    /**
+     * Reserved; written as 0.
+     */
+    uint32_t _reserved;
+    /**
+     * Host flushes: fdatasync on files, a cache flush on block devices. Includes the
+     * ones the library issues to order metadata updates, not only `qcowprov_flush`.
+     */
+    uint64_t host_flushes;
+    /**
+     * Host discards: punch hole on files, BLKDISCARD on block devices.
+     */
+    uint64_t host_discards;
+    /**
+     * Host write-zeroes: a range zeroed and kept allocated (anchored), or zeroed with
+     * leave to release it.
+     */
+    uint64_t host_zeroes;
+    /**
+     * Host discards or write-zeroes that failed (advisory: the image stays correct, the
+     * host just keeps the space or the old bytes).
+     */
+    uint64_t host_op_failures;
+    /**
+     * Releases of the freed-cluster quarantine (each one barrier): freed clusters wait
+     * there until one flush makes the entries that dropped them durable.
+     */
+    uint64_t quarantine_releases;
+    /**
+     * Cluster references waiting in the quarantine now.
+     */
+    uint64_t quarantined;
+    /**
+     * First byte past every allocated host cluster: the file length the image needs.
+     */
+    uint64_t allocation_end;
+} qcowprov_stats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -697,6 +748,26 @@ int qcowprov_check(struct qcowprov_image *img,
                    struct qcowprov_check_result *result,
                    qcowprov_progress_cb progress,
                    void *user_data);
+
+/**
+ * Fills `*stats` with what `img` has done on the host since it was opened (flushes,
+ * discards, write-zeroes, failed host operations, quarantine barriers, allocation end). Read-only: it changes
+ * nothing and issues no I/O. The caller
+ * sets `stats->struct_size = sizeof(struct qcowprov_stats)` first.
+ *
+ * Thread-safety: thread-safe. Each counter is exact, but while other threads issue
+ * requests the counters are not read as one atomic snapshot.
+ *
+ * Returns 0 on success; `*stats` is written only then (all fields but `struct_size`).
+ * Errors: `-EINVAL` for NULL `img` or `stats`, or `stats->struct_size` smaller than the
+ * first version of the struct; `-EIO` for a handle that failed earlier.
+ *
+ * # Safety
+ * `img` must be NULL or a live handle from `qcowprov_open`; `stats` NULL or valid for
+ * reads and writes of `stats->struct_size` bytes.
+ */
+int qcowprov_get_stats(struct qcowprov_image *img,
+                       struct qcowprov_stats *stats);
 
 #ifdef __cplusplus
 }  // extern "C"

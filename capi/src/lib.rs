@@ -16,10 +16,11 @@
 //!
 //! Layout: `error` (errno, last error, strerror), `boundary` (panics), `args` (argument
 //! checks), `handle` (open/close/create/flush/resize/options), `io` (reads, writes,
-//! discard, write-zeroes), `status` (block status), `info`, `check`.
+//! discard, write-zeroes), `status` (block status), `info`, `check`, `stats` (host
+//! request counters).
 
 // Declaration order is the order of the header (cbindgen follows it): errors, the
-// handle's lifetime, I/O, block status, info, check.
+// handle's lifetime, I/O, block status, info, check, stats.
 mod error;
 
 mod handle;
@@ -31,6 +32,8 @@ mod status;
 mod info;
 
 mod check;
+
+mod stats;
 
 mod args;
 mod boundary;
@@ -54,6 +57,7 @@ pub use io::{
     qcowprov_discard, qcowprov_pread, qcowprov_preadv, qcowprov_pwrite, qcowprov_pwritev,
     qcowprov_write_zeroes, QCOWPROV_WRITE_FUA, QCOWPROV_ZERO_MAY_UNMAP,
 };
+pub use stats::{qcowprov_get_stats, QcowprovStats};
 pub use status::{
     qcowprov_block_status, qcowprov_block_status_depth, QcowprovStatus, QCOWPROV_STATUS_ALLOCATED,
     QCOWPROV_STATUS_BACKING, QCOWPROV_STATUS_COMPRESSED, QCOWPROV_STATUS_DATA,

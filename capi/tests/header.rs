@@ -136,6 +136,10 @@ SA(offsetof(struct qcowprov_status, host_offset) == 16);
 SA(offsetof(struct qcowprov_status, depth) == 24);
 SA(sizeof(struct qcowprov_check_result) == 88);
 SA(offsetof(struct qcowprov_check_result, image_end_offset) == 80);
+SA(sizeof(struct qcowprov_stats) == 64);
+SA(offsetof(struct qcowprov_stats, host_flushes) == 8);
+SA(offsetof(struct qcowprov_stats, host_zeroes) == 24);
+SA(offsetof(struct qcowprov_stats, allocation_end) == 56);
 SA(QCOWPROV_OPEN_RDONLY == 1 && QCOWPROV_OPEN_DIRECT == 2 && QCOWPROV_OPEN_NO_BACKING == 4 &&
    QCOWPROV_OPEN_CHECK == 8);
 SA(QCOWPROV_WRITE_FUA == 1 && QCOWPROV_ZERO_MAY_UNMAP == 1);
@@ -171,13 +175,14 @@ static int (*f_set_options)(qcowprov_image *, const char *) = qcowprov_set_optio
 static void (*f_cb)(double, void *);
 static qcowprov_progress_cb *f_cb_check = &f_cb;
 static int (*f_check)(qcowprov_image *, uint32_t, struct qcowprov_check_result *, qcowprov_progress_cb, void *) = qcowprov_check;
+static int (*f_get_stats)(qcowprov_image *, struct qcowprov_stats *) = qcowprov_get_stats;
 int use_them(void);
 int use_them(void) {
     return f_version != 0 && f_strerror != 0 && f_last_error != 0 && f_create != 0 && f_open != 0
         && f_close != 0 && f_pread != 0 && f_pwrite != 0 && f_preadv != 0 && f_pwritev != 0
         && f_discard != 0 && f_write_zeroes != 0 && f_flush != 0 && f_resize != 0
         && f_block_status != 0 && f_block_status_depth != 0 && f_get_info != 0
-        && f_set_options != 0 && f_cb_check != 0 && f_check != 0;
+        && f_set_options != 0 && f_cb_check != 0 && f_check != 0 && f_get_stats != 0;
 }
 "#;
     std::fs::write(&src, checks).expect("write layout.c");

@@ -77,13 +77,14 @@ fn exports_only_the_c_api() {
         "qcowprov_get_info",
         "qcowprov_set_options",
         "qcowprov_check",
+        "qcowprov_get_stats",
     ] {
         assert!(
             symbols.contains(&want),
             "{want} is not exported: {symbols:?}"
         );
     }
-    assert_eq!(symbols.len(), 19, "{symbols:?}");
+    assert_eq!(symbols.len(), 20, "{symbols:?}");
 }
 
 #[test]

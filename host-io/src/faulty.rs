@@ -165,6 +165,14 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.flush_count()
     }
 
+    fn discard_count(&self) -> u64 {
+        self.inner.discard_count()
+    }
+
+    fn zero_count(&self) -> u64 {
+        self.inner.zero_count()
+    }
+
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }

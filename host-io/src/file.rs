@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -133,6 +134,9 @@ pub struct FileStorage {
     pub(crate) rmw: RwLock<()>,
     /// Flushes issued (statistics).
     flushes: std::sync::atomic::AtomicU64,
+    /// Discard and write-zeroes calls (statistics).
+    discards: std::sync::atomic::AtomicU64,
+    zeroes: std::sync::atomic::AtomicU64,
 }
 
 impl FileStorage {
@@ -197,6 +201,8 @@ impl FileStorage {
             probes: Probes::default(),
             rmw: RwLock::new(()),
             flushes: Default::default(),
+            discards: Default::default(),
+            zeroes: Default::default(),
         };
         for p in &opts.disabled {
             s.disable_primitive(*p);
@@ -291,7 +297,17 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
+    #[inline]
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // One pread fills a buffered read in the common case; short reads (end of file,
+        // signals), errors and direct I/O take the general path.
+        if !self.direct {
+            if let Ok(n) = self.file.read_at(buf, offset) {
+                if n == buf.len() {
+                    return Ok(());
+                }
+            }
+        }
         self.do_read(buf, offset)
     }
 
@@ -317,6 +333,14 @@ impl Storage for FileStorage {
         self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn discard_count(&self) -> u64 {
+        self.discards.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn zero_count(&self) -> u64 {
+        self.zeroes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn len(&self) -> io::Result<u64> {
         let _guard = self.rmw.read().unwrap_or_else(|e| e.into_inner());
         self.raw_len()
@@ -340,10 +364,14 @@ impl Storage for FileStorage {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<DiscardOutcome> {
+        self.discards
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.do_discard(offset, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> io::Result<ZeroMethod> {
+        self.zeroes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.do_write_zeroes(offset, len, mode)
     }
 

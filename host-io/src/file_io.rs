@@ -36,7 +36,9 @@ impl FileStorage {
                 Err(e) => return Err(e),
             }
         }
-        buf[done..].fill(0);
+        if done < buf.len() {
+            buf[done..].fill(0);
+        }
         Ok(())
     }
 

@@ -27,6 +27,12 @@ macro_rules! forward_storage {
             fn flush_count(&self) -> u64 {
                 (**self).flush_count()
             }
+            fn discard_count(&self) -> u64 {
+                (**self).discard_count()
+            }
+            fn zero_count(&self) -> u64 {
+                (**self).zero_count()
+            }
             fn len(&self) -> io::Result<u64> {
                 (**self).len()
             }
@@ -81,5 +87,21 @@ mod tests {
         let boxed: Box<MemStorage> = Box::new(MemStorage::new());
         boxed.write_at(b"x", 10).unwrap();
         assert_eq!(Storage::len(&boxed).unwrap(), 11);
+    }
+
+    #[test]
+    fn request_counters_pass_through_wrappers() {
+        let mem = Arc::new(MemStorage::new());
+        let faulty: Box<dyn Storage> = Box::new(crate::FaultyStorage::new(mem.clone()));
+        faulty.write_at(&[1; 8192], 0).unwrap();
+        faulty.discard(0, 4096).unwrap();
+        faulty
+            .write_zeroes(4096, 4096, ZeroMode::KeepAllocated)
+            .unwrap();
+        faulty.write_zeroes(0, 4096, ZeroMode::Unmap).unwrap();
+        faulty.flush().unwrap();
+        let counts = |s: &dyn Storage| (s.flush_count(), s.discard_count(), s.zero_count());
+        assert_eq!(counts(&*faulty), (1, 1, 2));
+        assert_eq!(counts(&*mem), (1, 1, 2));
     }
 }

@@ -254,6 +254,8 @@ pub struct MemStorage {
     inner: Mutex<Inner>,
     opts: MemOptions,
     flushes: std::sync::atomic::AtomicU64,
+    discards: std::sync::atomic::AtomicU64,
+    zeroes: std::sync::atomic::AtomicU64,
 }
 
 impl MemStorage {
@@ -268,6 +270,8 @@ impl MemStorage {
         Self {
             inner: Mutex::new(Inner::default()),
             flushes: Default::default(),
+            discards: Default::default(),
+            zeroes: Default::default(),
             opts,
         }
     }
@@ -291,6 +295,8 @@ impl MemStorage {
         Self {
             inner: Mutex::new(inner),
             flushes: Default::default(),
+            discards: Default::default(),
+            zeroes: Default::default(),
             opts,
         }
     }
@@ -305,6 +311,8 @@ impl MemStorage {
         MemStorage {
             inner: Mutex::new(self.lock().clone()),
             flushes: Default::default(),
+            discards: Default::default(),
+            zeroes: Default::default(),
             opts: self.opts,
         }
     }
@@ -374,6 +382,14 @@ impl Storage for MemStorage {
         self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn discard_count(&self) -> u64 {
+        self.discards.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn zero_count(&self) -> u64 {
+        self.zeroes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn len(&self) -> io::Result<u64> {
         Ok(self.lock().len)
     }
@@ -407,6 +423,8 @@ impl Storage for MemStorage {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<DiscardOutcome> {
+        self.discards
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let end = end_of(offset, len)?;
         let mut inner = self.lock();
         if self.opts.read_only {
@@ -422,6 +440,8 @@ impl Storage for MemStorage {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> io::Result<ZeroMethod> {
+        self.zeroes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let end = end_of(offset, len)?;
         let mut inner = self.lock();
         self.check_mutation(&inner, end)?;

@@ -111,6 +111,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         0
     }
 
+    /// `discard` calls through this backend so far (statistics, as `flush_count`; an
+    /// unsupported or failed discard counts too). Backends that do not count report 0.
+    fn discard_count(&self) -> u64 {
+        0
+    }
+
+    /// `write_zeroes` calls through this backend so far (statistics, as `discard_count`).
+    fn zero_count(&self) -> u64 {
+        0
+    }
+
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
 

@@ -114,6 +114,12 @@ pub struct ImageInfo {
 pub struct ImageStats {
     /// Host flushes (fdatasync) issued through the image file.
     pub host_flushes: u64,
+    /// Host discards (punch hole, BLKDISCARD) issued through the image file, merged ranges
+    /// counting once.
+    pub host_discards: u64,
+    /// Host write-zeroes (anchoring a range, or zeroing it with leave to release) issued
+    /// through the image file.
+    pub host_zeroes: u64,
     /// Releases of the freed-cluster quarantine (each one barrier).
     pub quarantine_releases: u64,
     /// References waiting in the quarantine now.
@@ -341,6 +347,7 @@ impl Image {
     }
 
     /// Virtual size in bytes.
+    #[inline]
     pub fn virtual_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -400,6 +407,8 @@ impl Image {
         let st = self.lock()?;
         Ok(ImageStats {
             host_flushes: self.storage.flush_count(),
+            host_discards: self.storage.discard_count(),
+            host_zeroes: self.storage.zero_count(),
             quarantine_releases: st.meta.alloc.releases(),
             quarantined: st.meta.alloc.quarantined() as u64,
             host_op_failures: st.meta.host_ops.failures(),

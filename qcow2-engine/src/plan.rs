@@ -16,6 +16,9 @@ pub(crate) enum Fill {
         /// Offset in the caller's buffer.
         at: usize,
     },
+    /// Zeros. The executor may zero the range on the host (keeping it allocated) instead
+    /// of writing zero bytes, which leaves no dirty data for the next barrier to write.
+    Zeroes,
     /// The old content of the guest range at `guest` (a copy-on-write source).
     Old {
         /// Guest offset of the piece.

@@ -261,6 +261,58 @@ fn crash_rewrite_of_zeroed_allocated_cluster() {
     total.assert_ok("rewrites of zeroed clusters", 1000);
 }
 
+/// The freed-cluster quarantine: discarded clusters wait for one barrier before their
+/// refcounts drop and they are reused. With a slack of two clusters on a full image, the
+/// allocations that follow discards release the quarantine in the middle of requests (not
+/// only at flushes), and the released clusters are reused at once. Every point is crashed
+/// under every policy: no crash may leave an entry pointing at a cluster that already holds
+/// other data, and every flushed byte must survive.
+#[test]
+fn crash_quarantine_releases_mid_request() {
+    let mut total = Stats::default();
+    for (i, opts) in ["provision=thin", "discard=unmap", "provision=reuse"]
+        .iter()
+        .enumerate()
+    {
+        let cs = 4096u64;
+        let opts = format!("{opts},quarantine-slack=8k");
+        let mut w = Workload::create(
+            &format!("quarantine {opts}"),
+            "cluster_size=4k",
+            64 * cs,
+            64 * cs,
+            &opts,
+        );
+        w.write(0, 64 * cs, false);
+        w.flush();
+        let releases_before = w.img().stats().unwrap().quarantine_releases;
+        for round in 0..6u64 {
+            let a = (round * 11) % 56;
+            w.discard(a * cs, 4 * cs);
+            // Whole-cluster rewrites elsewhere (copy-free) and a partial write into the
+            // discarded range (allocates and fills the rest with zeros).
+            let b = (a + 20) % 56;
+            w.discard(b * cs, 2 * cs);
+            w.write(b * cs, 2 * cs, false);
+            w.write(a * cs + 512, 1024, false);
+            w.write((a + 2) * cs, cs, round % 2 == 0);
+        }
+        let mid_request = w.img().stats().unwrap().quarantine_releases - releases_before;
+        assert!(
+            mid_request >= 3,
+            "{opts}: the quarantine was released {mid_request} times outside flushes; the \
+             workload no longer exercises releases"
+        );
+        w.flush();
+        w.verify_all();
+        w.close();
+        let mut s = sampling(i as u64 + 11, true);
+        s.per_point = 4;
+        total.add(&sweep(&w, s));
+    }
+    total.assert_ok("quarantine releases", 300);
+}
+
 /// The engine's check claims qemu-img's counters, which the sweeps compare at sampled
 /// points. A refcount on the first cluster past the end of the file is common in crash
 /// images (the refcount block reached the disk, the data write that would have extended

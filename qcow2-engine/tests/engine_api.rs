@@ -398,3 +398,195 @@ fn set_options_and_discard_limits() {
     img.close().unwrap();
     assert_check_clean(&p);
 }
+
+/// Records every announced content change.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(u64, u64, qcow2_engine::ChangeKind)>>);
+
+impl qcow2_engine::ContentWatcher for Recorder {
+    fn will_change(&self, off: u64, len: u64, kind: qcow2_engine::ChangeKind) {
+        self.0.lock().unwrap().push((off, len, kind));
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<(u64, u64, qcow2_engine::ChangeKind)> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+
+    /// The union of the announced ranges, which must be one range covering `[off, end)`.
+    fn covers(&self, off: u64, end: u64, kind: qcow2_engine::ChangeKind) {
+        let v = self.take();
+        assert!(
+            !v.is_empty(),
+            "nothing announced for {off:#x}..{end:#x} {kind:?}"
+        );
+        assert!(v.iter().all(|c| c.2 == kind), "{v:?}");
+        let lo = v.iter().map(|c| c.0).min().unwrap();
+        let hi = v.iter().map(|c| c.0 + c.1).max().unwrap();
+        assert!(
+            lo <= off && hi >= end,
+            "{v:x?} does not cover {off:#x}..{end:#x}"
+        );
+    }
+}
+
+/// Every path that changes guest-visible content announces it at the one subscription
+/// point: writes in place and allocating, write-zeroes, discards, resize, repair; a
+/// discard the policy ignores announces nothing.
+#[test]
+fn every_content_change_is_announced() {
+    use qcow2_engine::ChangeKind::*;
+    let cs = 65536u64;
+    let mem = Arc::new(MemStorage::new());
+    create_on(
+        mem.clone(),
+        &CreateOptions {
+            size: Some(4 << 20),
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    let img = Image::open_storage(
+        mem.clone(),
+        &OpenOptions::parse("provision=thin").unwrap(),
+        None,
+    )
+    .unwrap();
+    let rec = Arc::new(Recorder::default());
+    img.watch_changes(rec.clone()).unwrap();
+    img.write_at(&[1u8; 3000], 100).unwrap(); // allocating
+    rec.covers(100, 3100, Write);
+    img.write_at(&[2u8; 3000], 200).unwrap(); // in place
+    rec.covers(200, 3200, Write);
+    // 1.5 clusters over 2 L2-contiguous clusters: in place, then allocating.
+    img.write_at(&vec![3u8; (cs + cs / 2) as usize], cs / 2)
+        .unwrap();
+    rec.covers(cs / 2, 2 * cs, Write);
+    img.write_zeroes(0, cs, false).unwrap();
+    rec.covers(0, cs, Zero);
+    img.discard(cs, cs).unwrap();
+    rec.covers(cs, 2 * cs, Discard);
+    img.resize(8 << 20).unwrap();
+    rec.covers(4 << 20, 8 << 20, Resize);
+    img.set_options("discard=ignore").unwrap();
+    img.write_at(&[4u8; 512], 3 * cs).unwrap();
+    rec.take();
+    img.discard(3 * cs, cs).unwrap();
+    assert!(rec.take().is_empty(), "an ignored discard changes nothing");
+    img.flush().unwrap();
+    // Repair: an L2 entry with a reserved bit is dropped by a full repair.
+    img.close().unwrap();
+    let mut bytes = mem.to_vec();
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
+        as usize;
+    let e = 3 * 8 + l2;
+    bytes[e + 7] |= 0x02; // reserved bit 1
+    let mem = Arc::new(MemStorage::from_vec(bytes));
+    let img = Image::open_storage(
+        mem,
+        &OpenOptions {
+            check: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    img.watch_changes(rec.clone()).unwrap();
+    let rep = img.check(qcow2_engine::Repair::All).unwrap();
+    assert!(rep.corruptions_fixed > 0, "{rep:?}");
+    rec.covers(3 * cs, 4 * cs, Repair);
+}
+
+/// A storage that panics on the first write after it is armed.
+#[derive(Debug)]
+struct PanicOnWrite {
+    inner: MemStorage,
+    armed: std::sync::atomic::AtomicBool,
+    writes_after: std::sync::atomic::AtomicU64,
+}
+
+impl Storage for PanicOnWrite {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.armed.swap(false, SeqCst) {
+            panic!("injected panic in a host write");
+        }
+        if self.writes_after.load(SeqCst) != u64::MAX {
+            self.writes_after.fetch_add(1, SeqCst);
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<host_io::DiscardOutcome> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        mode: host_io::ZeroMode,
+    ) -> std::io::Result<host_io::ZeroMethod> {
+        self.inner.write_zeroes(offset, len, mode)
+    }
+    fn capabilities(&self) -> host_io::Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// A panic in the middle of a metadata update (here: an L2 table write-back at flush)
+/// fails the handle: every later call returns EIO, and nothing half-updated is flushed,
+/// not even when the handle is dropped.
+#[test]
+fn a_panic_under_the_metadata_lock_fails_the_handle() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mem = MemStorage::new();
+    let s = Arc::new(PanicOnWrite {
+        inner: mem,
+        armed: false.into(),
+        writes_after: u64::MAX.into(),
+    });
+    create_on(
+        s.clone(),
+        &CreateOptions {
+            size: Some(1 << 20),
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    let img = Image::open_storage(s.clone(), &OpenOptions::default(), None).unwrap();
+    img.write_at(&[5u8; 4096], 0).unwrap(); // allocating: the L2 entry stays dirty
+    s.armed.store(true, SeqCst);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| img.flush()));
+    assert!(r.is_err(), "the injected panic must reach the caller");
+    s.writes_after.store(0, SeqCst);
+    let e = img.write_at(&[6u8; 512], 0).unwrap_err();
+    assert_eq!(e.errno(), 5, "EIO: {e}");
+    assert!(e.to_string().contains("failed"), "{e}");
+    let mut b = [0u8; 512];
+    assert_eq!(img.read_at(&mut b, 8192).unwrap_err().errno(), 5);
+    assert!(img.flush().is_err());
+    drop(img);
+    assert_eq!(
+        s.writes_after.load(SeqCst),
+        0,
+        "a failed handle wrote to the image"
+    );
+}

@@ -49,9 +49,8 @@ pub(crate) struct Allocator {
     pins: OffsetMap<u32>,
     /// References dropped but not yet subtracted: (host cluster index, host effect).
     quarantine: Vec<(u64, OnFree)>,
-    /// Clusters the file grew by because the quarantine held clusters that would
-    /// otherwise have been reused. Never shrinks: the file stays within `slack` clusters
-    /// of what immediate reuse would have left.
+    /// An upper bound of how many clusters longer the file is than immediate reuse of
+    /// freed clusters would have left it; kept within `slack`.
     excess: u64,
     /// How far the file may grow before the quarantine is released instead.
     slack: u64,
@@ -190,8 +189,12 @@ impl Meta {
             }
             let last = runs.last().map(|(s, k)| s + k).unwrap_or(c);
             let growth = last.saturating_sub(self.alloc.end >> cbits);
-            let attributable = growth.min(self.alloc.quarantine.len() as u64);
-            if attributable > 0 && self.alloc.excess + attributable > self.alloc.slack {
+            let held = self.alloc.quarantine.len() as u64;
+            // The file's excess over immediate reuse, bounded above: it grows by what this
+            // growth takes, and never exceeds what immediate reuse could have taken
+            // instead (the clusters found below the end plus the quarantined ones).
+            let excess = (self.alloc.excess + growth).min(n - growth.min(n) + held);
+            if growth > 0 && held > 0 && excess > self.alloc.slack {
                 // Reuse what the quarantine holds instead of growing the file further.
                 self.release_quarantine()?;
                 continue;
@@ -214,7 +217,9 @@ impl Meta {
             } else if runs[0].0 == self.alloc.free_hint.max(1) {
                 self.alloc.free_hint = last;
             }
-            self.alloc.excess += attributable;
+            if growth > 0 {
+                self.alloc.excess = excess;
+            }
             self.alloc.extend_end(last << cbits);
             return Ok(runs
                 .into_iter()
@@ -381,5 +386,97 @@ impl Meta {
     pub(crate) fn bump_free_gen(&self) {
         self.free_gen
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use host_io::{MemStorage, Storage};
+
+    use crate::{create_on, CreateOptions, Image, OpenOptions};
+
+    const CS: u64 = 65536;
+
+    fn image(opts: &str, size: u64) -> (Arc<MemStorage>, Image) {
+        let mem = Arc::new(MemStorage::new());
+        create_on(
+            mem.clone(),
+            &CreateOptions {
+                size: Some(size),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        let img =
+            Image::open_storage(mem.clone(), &OpenOptions::parse(opts).unwrap(), None).unwrap();
+        (mem, img)
+    }
+
+    fn host_of(img: &Image, guest: u64) -> u64 {
+        img.block_status(guest, 1).unwrap().host_offset.unwrap()
+    }
+
+    fn refcount(img: &Image, host: u64) -> u64 {
+        img.lock().unwrap().meta.refcount(host / CS).unwrap()
+    }
+
+    #[test]
+    fn a_freed_cluster_keeps_its_refcount_until_a_barrier() {
+        let (mem, img) = image("provision=thin", 1 << 20);
+        img.write_at(&vec![1u8; (2 * CS) as usize], 0).unwrap();
+        img.flush().unwrap();
+        let h = host_of(&img, CS);
+        img.discard(CS, CS).unwrap();
+        assert_eq!(refcount(&img, h), 1, "still counted while quarantined");
+        assert_eq!(img.stats().unwrap().quarantined, 1);
+        let flushes = mem.flush_count();
+        img.flush().unwrap();
+        assert_eq!(refcount(&img, h), 0, "released by the flush");
+        assert_eq!(img.stats().unwrap().quarantined, 0);
+        assert!(mem.flush_count() > flushes);
+        img.close().unwrap();
+    }
+
+    #[test]
+    fn growth_past_the_slack_releases_the_quarantine() {
+        // 16 clusters, slack two clusters: a full image reuses discarded clusters only
+        // after growing by two.
+        let (_mem, img) = image("provision=thin,quarantine-slack=128k", 16 * CS);
+        img.write_at(&vec![1u8; (16 * CS) as usize], 0).unwrap();
+        img.flush().unwrap();
+        let end0 = img.stats().unwrap().allocation_end;
+        let releases0 = img.stats().unwrap().quarantine_releases;
+        for round in 0..4u64 {
+            img.discard(round * CS, CS).unwrap();
+            img.write_at(&vec![2u8; CS as usize], round * CS).unwrap();
+        }
+        let st = img.stats().unwrap();
+        assert_eq!(
+            st.allocation_end,
+            end0 + 2 * CS,
+            "grew by the slack, no more"
+        );
+        assert!(st.quarantine_releases > releases0, "{st:?}");
+        let mut b = vec![0u8; (4 * CS) as usize];
+        img.read_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 2));
+        img.close().unwrap();
+    }
+
+    #[test]
+    fn zero_slack_reuses_at_once() {
+        let (_mem, img) = image("provision=thin,quarantine-slack=0", 16 * CS);
+        img.write_at(&vec![1u8; (16 * CS) as usize], 0).unwrap();
+        img.flush().unwrap();
+        let end0 = img.stats().unwrap().allocation_end;
+        let h = host_of(&img, 3 * CS);
+        img.discard(3 * CS, CS).unwrap();
+        img.write_at(&vec![2u8; CS as usize], 3 * CS).unwrap();
+        assert_eq!(host_of(&img, 3 * CS), h, "the freed cluster is reused");
+        assert_eq!(img.stats().unwrap().allocation_end, end0);
+        img.close().unwrap();
     }
 }

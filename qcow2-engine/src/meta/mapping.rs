@@ -138,6 +138,23 @@ impl Mapping {
         self.fast.put(guest >> self.geo.cluster_bits(), e);
     }
 
+    /// Remember, for lock-free reads, up to `n` entries after the one at `slot` (mapping
+    /// `guest`) in the same cached slice, so that sequential reads keep hitting.
+    pub(crate) fn remember_ahead(&self, slot: L2Slot, guest: u64, n: usize) {
+        let Some(data) = self.l2.peek(slot.slice) else {
+            return;
+        };
+        let per = self.entries_per_slice() as usize;
+        let first = guest >> self.geo.cluster_bits();
+        for i in 1..=n.min(per - 1 - slot.index) {
+            let e = L2Entry::read(data, slot.index + i, &self.geo);
+            if matches!(e.kind(&self.geo), Ok(k) if !matches!(k, qcow2_format::ClusterKind::Compressed(_)))
+            {
+                self.fast.put(first + i as u64, e);
+            }
+        }
+    }
+
     /// The slice cache's entry size in bytes.
     pub(crate) fn slice_size(&self) -> usize {
         self.l2.entry_size()

@@ -322,6 +322,16 @@ impl Policy {
         }
     }
 
+    /// Whether a newly allocated cluster is allocated whole on the host (the part the
+    /// write did not touch zeroed, keeping the space), as QEMU does. Host layers that
+    /// release space (`provision=metadata|thin`) may leave holes there.
+    pub fn allocates_whole_clusters(&self) -> bool {
+        match self.mode {
+            Mode::Qemu { .. } => true,
+            Mode::Provision(p) => p.layers().1 != Layer::Unmap,
+        }
+    }
+
     /// Short description, e.g. `provision=metadata` or `discard=unmap,discard-no-unref=on`.
     pub fn describe(&self) -> String {
         match self.mode {

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::Ordering;
 
+use qcow2_format::l2::{L2E_OFFSET_MASK, OFLAG_ZERO};
 use qcow2_format::{ClusterKind, CompressedDescriptor, L2Entry, SubclusterKind};
 
 use crate::error::{invalid_arg, Result};
@@ -32,6 +33,10 @@ pub(crate) struct Extent {
     pub len: u64,
     pub src: Src,
 }
+
+/// Entries after a looked-up one remembered for lock-free reads (sequential reads then
+/// take the locked path once per this many clusters).
+const READ_AHEAD_ENTRIES: usize = 64;
 
 /// Extents kept inline before spilling to the heap: a 4 KiB read resolves to one or two.
 const INLINE: usize = 2;
@@ -157,9 +162,12 @@ impl Image {
         while pos < end {
             let cl = geo.align_down(pos);
             let cl_end = (cl + cs).min(end);
-            let (entry, kind, _) = m.l2_kind(pos)?;
+            let (entry, kind, slot) = m.l2_kind(pos)?;
             if !matches!(kind, ClusterKind::Compressed(_)) {
                 m.mapping.remember(pos, entry);
+            }
+            if let Some(slot) = slot {
+                m.mapping.remember_ahead(slot, pos, READ_AHEAD_ENTRIES);
             }
             self.push_cluster(&mut out, entry, kind, cl, pos, cl_end);
             pos = cl_end;
@@ -200,7 +208,46 @@ impl Image {
     /// without the lock, and accept the result if no cluster was freed meanwhile (a freed
     /// cluster could have been reused, so the bytes read might be someone else's). After a
     /// few such races, pin the clusters instead.
+    #[inline]
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        // The commonest read first, with nothing on its way it does not need; anything
+        // unusual (zeros, backing file, an I/O error, a race) takes the general path,
+        // which also reports errors.
+        let gen = self.free_gen.load(Ordering::Acquire);
+        if let Some(h) = self.fast_host(buf.len() as u64, off) {
+            if self.storage.read_at(buf, h).is_ok() && self.free_gen.load(Ordering::Acquire) == gen
+            {
+                return Ok(());
+            }
+        }
+        self.read_general(buf, off)
+    }
+
+    /// The host offset of `[off, off + len)` if it lies in one data cluster of an image
+    /// without extended L2 entries whose entry is cached for lock-free reads. Entries are
+    /// cached only after they decoded as valid under the lock, and never compressed ones,
+    /// so the entry word alone says where the bytes are.
+    #[inline]
+    fn fast_host(&self, len: u64, off: u64) -> Option<u64> {
+        let geo = self.geo;
+        let bits = geo.cluster_bits();
+        let end = off.checked_add(len)?;
+        if len == 0
+            || end > self.virtual_size()
+            || geo.extended_l2()
+            || (end - 1) >> bits != off >> bits
+            || self.failed.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        let word = self.fast.get(off >> bits)?.word;
+        let host = word & L2E_OFFSET_MASK;
+        (word & OFLAG_ZERO == 0 && host != 0).then(|| host + (off & ((1 << bits) - 1)))
+    }
+
+    /// Every read the fast path does not finish.
+    #[inline(never)]
+    fn read_general(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
@@ -282,4 +329,52 @@ pub(crate) fn host_clusters(m: &Meta, exts: &[Extent]) -> Vec<u64> {
         }
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use host_io::MemStorage;
+
+    use crate::{create_on, CreateOptions, Image, OpenOptions};
+
+    /// A read of a cluster whose entry is cached completes while another thread holds the
+    /// metadata lock; a read after a write sees the new data (the entry was invalidated).
+    #[test]
+    fn cached_reads_take_no_lock_and_see_new_entries() {
+        let mem = Arc::new(MemStorage::new());
+        create_on(
+            mem.clone(),
+            &CreateOptions {
+                size: Some(1 << 20),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        let img = Arc::new(Image::open_storage(mem, &OpenOptions::default(), None).unwrap());
+        img.write_at(&[7u8; 4096], 0).unwrap();
+        let mut b = [0u8; 512];
+        img.read_at(&mut b, 0).unwrap(); // fills the entry cache
+        let held = img.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = img.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 512];
+            let r = reader.read_at(&mut b, 1024).map(|()| b[0]);
+            tx.send(r.unwrap()).unwrap();
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a cached read waited for the metadata lock");
+        assert_eq!(got, 7);
+        drop(held);
+        img.discard(0, 65536).unwrap();
+        img.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0u8; 512], "the discard invalidated the cached entry");
+        img.write_at(&[9u8; 512], 0).unwrap();
+        img.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [9u8; 512]);
+    }
 }

@@ -269,6 +269,10 @@ impl Image {
             len: t.b - t.a,
             fill: Fill::Guest { at },
         };
+        let zeroes = |len: u64| Piece {
+            len,
+            fill: Fill::Zeroes,
+        };
         if t.reuse.is_some() {
             // Rewriting a cluster in place while its entry changes (e.g. zero-allocated to
             // data): the old bytes (stale, pre-zeroing) must not become visible through a
@@ -284,9 +288,17 @@ impl Image {
             let entry = L2Entry::new(host | OFLAG_COPIED, 0);
             let full = t.a == 0 && t.b == cs;
             if full || (old_is_zero && zero_host) {
-                st.meta
-                    .check_overlap(host + t.a, t.b - t.a, None, "guest data")?;
-                plan.write(host + t.a, [guest(t.data_at)]);
+                // A fresh cluster past the old end reads zero: only the data is written,
+                // and the rest is allocated on the host (zeroed) where the policy keeps
+                // host space allocated, as QEMU does; thin host layers leave holes.
+                if !full && st.policy.allocates_whole_clusters() {
+                    st.meta.check_overlap(host, cs, None, "guest data")?;
+                    plan.write(host, [zeroes(t.a), guest(t.data_at), zeroes(cs - t.b)]);
+                } else {
+                    st.meta
+                        .check_overlap(host + t.a, t.b - t.a, None, "guest data")?;
+                    plan.write(host + t.a, [guest(t.data_at)]);
+                }
                 return Ok(entry);
             }
             // The untouched part must be durable before the entry that exposes it.
@@ -342,12 +354,18 @@ impl Image {
             plan.data_first = true;
         }
         let skip_old = old_is_zero && zero_host && fresh;
-        let mut pieces = self.old_pieces(st, t.cl, lo, t.a, skip_old)?;
+        // As above: a fresh cluster is allocated whole on the host where the policy keeps
+        // host space allocated.
+        let whole = skip_old && st.policy.allocates_whole_clusters();
+        let (start, end) = if whole { (0, cs) } else { (lo, hi) };
+        let mut pieces = vec![zeroes(lo - start)];
+        pieces.extend(self.old_pieces(st, t.cl, lo, t.a, skip_old)?);
         pieces.push(guest(t.data_at));
         pieces.extend(self.old_pieces(st, t.cl, t.b, hi, skip_old)?);
+        pieces.push(zeroes(end - hi));
         st.meta
-            .check_overlap(host + lo, hi - lo, None, "guest data")?;
-        plan.write(host + lo, pieces);
+            .check_overlap(host + start, end - start, None, "guest data")?;
+        plan.write(host + start, pieces);
         Ok(entry)
     }
 

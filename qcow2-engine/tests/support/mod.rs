@@ -4,6 +4,7 @@
 
 pub mod frag;
 pub mod policies;
+pub mod replay;
 
 #[allow(unused_imports)] // not every test binary runs every policy
 pub use policies::POLICIES;
