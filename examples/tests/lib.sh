@@ -45,12 +45,13 @@ fail() {
     done
 }
 
-# need CMD...: skip the whole script (exit 0 with a note) when a tool is missing.
+# need CMD...: fail the whole script when a tool it needs is missing (a test that cannot
+# run is not a pass; .ci/run installs them all).
 need() {
     for c in "$@"; do
         if ! command -v "$c" >/dev/null 2>&1; then
-            echo "SKIP  $(basename "$0"): $c not installed"
-            exit 0
+            echo "FAIL  $(basename "$0"): $c not installed (see .ci/run for the packages)"
+            exit 1
         fi
     done
 }
