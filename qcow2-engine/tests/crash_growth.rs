@@ -17,10 +17,9 @@
 //! Every operation point is crashed under one of the four crash policies (rotating) and
 //! checked as `crash_support` describes; the counts are asserted.
 
-mod crash_support;
 mod support;
 
-use crash_support::*;
+use support::crash::*;
 use support::*;
 
 const KIB: u64 = 1024;

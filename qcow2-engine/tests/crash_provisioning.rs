@@ -2,7 +2,7 @@
 //! mode (`provision=off|full|metadata|thin|reuse`) and QEMU's `discard=unmap` with and
 //! without `discard-no-unref=on`.
 //!
-//! Each workload is a seeded mix (see `crash_support::Workload::random_step`) of unaligned
+//! Each workload is a seeded mix (see `support::crash::Workload::random_step`) of unaligned
 //! and whole-cluster writes, FUA writes, write-zeroes with and without may-unmap, discards
 //! and flushes, with whole-cluster rewrites aimed at ranges just released (so anchored and
 //! freed clusters get reused). The image kinds:
@@ -24,10 +24,9 @@
 //! 36 more random subsets and torn writes. The last test holds the engine's check to
 //! qemu-img's leak count on a file with a refcount past its end, as the sweeps compare.
 
-mod crash_support;
 mod support;
 
-use crash_support::*;
+use support::crash::*;
 use support::*;
 
 /// qemu-img check on every point whose global index is a multiple of this.

@@ -1,9 +1,18 @@
 //! Shared helpers for the engine's integration tests: temp dirs, the qemu-img/qemu-io
-//! oracle, and a seeded PRNG. Tests fail (not skip) when qemu-utils is missing.
+//! oracle, and a seeded PRNG (this file); the crash sweep (`crash`), provisioning-mode
+//! host inspection (`prov`), the shared workloads (`frag`, `replay`) and the policy list
+//! (`policies`). Tests fail (not skip) when qemu-utils is missing.
+//!
+//! Test binaries are named `<technique>_<subject>.rs`: `api_` behaviour through the public
+//! API, `diff_` the same operations through QEMU's tools as the oracle, `crash_` crash
+//! sweeps, `fault_` injected host errors, `fuzz_` fuzzing regressions, `hostile_` damaged
+//! images, `stress_` concurrency against a model, `workload_` sized workloads.
 #![allow(dead_code)]
 
+pub mod crash;
 pub mod frag;
 pub mod policies;
+pub mod prov;
 pub mod replay;
 
 #[allow(unused_imports)] // not every test binary runs every policy

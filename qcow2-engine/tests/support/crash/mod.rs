@@ -15,6 +15,7 @@ use host_io::CrashStorage;
 use qcow2_engine::{create_on, CreateOptions, Image, Mode, OpenOptions, Provision};
 
 use crate::support::{Rng, TempDir};
+#[allow(unused_imports)] // not every test binary runs a sweep
 pub use sweep::*;
 
 /// What a completed step did to the guest view.

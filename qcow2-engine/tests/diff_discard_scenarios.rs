@@ -16,19 +16,18 @@
 //!
 //! Two things are normalized away, both QEMU artefacts rather than engine behaviour:
 //! `zero: true, data: true` rows from QEMU's metadata-preallocation heuristic (see
-//! `prov_support::without_recursed_zero`), and filled holes from copying: twins are forked
+//! `support::prov::without_recursed_zero`), and filled holes from copying: twins are forked
 //! with a sparse copy, because a raw backing file's holes are part of its block status (a
 //! partial write-zeroes next to a hole zeroes the whole cluster; next to zero *bytes* QEMU
 //! writes zero bytes, where the engine, which reads the neighbourhood, zeroes the cluster).
 //! Version 2 with a backing file is the one place where results differ by design: QEMU's
 //! block layer swallows the driver's ENOTSUP for discard, the engine returns it.
 
-mod prov_support;
 mod support;
 
 use std::path::{Path, PathBuf};
 
-use prov_support::*;
+use support::prov::*;
 use qcow2_engine::{Error, Image, OpenOptions};
 use support::*;
 

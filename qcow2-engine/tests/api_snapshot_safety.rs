@@ -11,12 +11,11 @@
 //! snapshot.name=s1`, the active layer through qemu-io; then a copy-on-write over the
 //! discarded range, `qemu-img snapshot -a s1` (apply) and `-d s1` (delete).
 
-mod prov_support;
 mod support;
 
 use std::path::Path;
 
-use prov_support::*;
+use support::prov::*;
 use qcow2_engine::{Image, OpenOptions};
 use support::*;
 

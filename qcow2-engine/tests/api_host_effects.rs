@@ -21,12 +21,11 @@
 //! still releases (or anchors) its stale host data, and freed clusters whose host discard is
 //! pending never swallow data written right after the discard.
 
-mod prov_support;
 mod support;
 
 use std::path::{Path, PathBuf};
 
-use prov_support::*;
+use support::prov::*;
 use qcow2_engine::{create, CreateOptions, Image, Layer, OpenOptions, Provision};
 use support::*;
 
