@@ -29,7 +29,8 @@
 //! | read-only with force-share (`-U`) | 100 read | none |
 //!
 //! and `qemu-img create` takes write and resize, sharing everything but resize, while it
-//! truncates and formats the file. [`LockRequest`] has those four as constants.
+//! truncates the file. [`LockRequest`] has the first three as constants, and a creator
+//! that shares nothing (see [`LockRequest::CREATOR`]).
 
 use std::fmt;
 use std::fs::File;
@@ -159,11 +160,15 @@ impl LockRequest {
         perm: Perms(0x01),
         shared: Perms::ALL,
     };
-    /// Creating or formatting an image (QEMU's `raw_co_create`): writes and resizes, lets
-    /// others do anything but resize. Taken before the file is truncated.
+    /// Creating or formatting an image: writes and resizes, shares nothing. Taken before
+    /// the file is truncated or written. Stricter than QEMU's `raw_co_create` (which
+    /// shares everything but resize): formatting destroys the content, so it is refused
+    /// while anyone holds the file at all, a force-share reader or a raw user that
+    /// shares writes included (`qemu-img create` writes a qcow2 header over a device
+    /// `qemu-io -f raw` has open before its own open fails).
     pub const CREATOR: LockRequest = LockRequest {
         perm: Perms(0x02 | 0x08),
-        shared: Perms(0x01 | 0x02 | 0x04),
+        shared: Perms::NONE,
     };
 }
 

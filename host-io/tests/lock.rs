@@ -59,7 +59,7 @@ fn bytes_held_match_qemu_tools() {
     let d = TempDir::new("lock-bytes");
     let p = image(&d);
     // What QEMU 10 holds (measured): qemu-io rw, qemu-io -r (and backing files),
-    // qemu-io -r -U, and qemu-img create while it truncates.
+    // qemu-io -r -U; and our creator, which shares nothing.
     for (req, want) in [
         (
             LockRequest::WRITER,
@@ -72,7 +72,7 @@ fn bytes_held_match_qemu_tools() {
         (LockRequest::SHARING_READER, vec![(100, 100)]),
         (
             LockRequest::CREATOR,
-            vec![(101, 101), (103, 103), (203, 203)],
+            vec![(101, 101), (103, 103), (200, 203)],
         ),
     ] {
         let s = FileStorage::open(&p, &FileOptions::new().lock(Some(req))).unwrap();
@@ -197,10 +197,14 @@ fn create_never_truncates_an_image_in_use() {
     assert_eq!(c.perm, Perms::WRITE);
     assert_eq!(std::fs::read(&p).unwrap(), vec![7u8; 4096], "data intact");
     drop(w);
-    // A reader blocks it too (it does not share resize with a creator).
+    // A reader blocks it too, even one that shares everything (a creator shares nothing).
     let r = open(&p, LockRequest::READER).unwrap();
     conflict(FileStorage::open(&p, &FileOptions::create_new()));
     drop(r);
+    let u = open(&p, LockRequest::SHARING_READER).unwrap();
+    let (c, _) = conflict(FileStorage::open(&p, &FileOptions::create_new()));
+    assert_eq!((c.perm, c.shared), (Perms::CONSISTENT_READ, true));
+    drop(u);
     let s = FileStorage::open(&p, &FileOptions::create_new()).unwrap();
     assert_eq!(s.len().unwrap(), 0, "truncated once the locks were had");
 }
