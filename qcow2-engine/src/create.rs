@@ -76,7 +76,7 @@ pub fn create_on(
         .map(|s| s & !511)
         .ok_or_else(|| invalid_arg!("size {size} is too large"))?;
     geo.check_virtual_size(size)
-        .map_err(|e| Error::TooLarge(e.to_string()))?;
+        .map_err(|_| crate::options::size_too_large(size, &geo))?;
     let cs = geo.cluster_size();
     let l1_entries = geo.l1_entries_for(size);
     // An empty disk has no L1 table at all (offset 0), as qemu-img makes it.
