@@ -22,6 +22,7 @@ mod discard;
 pub mod error;
 mod image;
 mod l2map;
+mod locking;
 mod map;
 mod meta;
 mod open;
@@ -34,8 +35,9 @@ mod resize;
 mod write;
 
 pub use check::{CheckReport, Repair};
-pub use create::{create, create_on};
+pub use create::{create, create_fd, create_on};
 pub use error::{Error, Result};
+pub use host_io::Locking;
 pub use image::{Image, ImageInfo, OpenOptions};
 pub use map::{BlockStatus, MapEntry};
 pub use options::{CacheOptions, CreateOptions, Preallocation};

@@ -201,6 +201,8 @@ impl Image {
             closed: AtomicBool::new(false),
             looks_preallocated: std::sync::OnceLock::new(),
             free_gen,
+            opts: opts.clone(),
+            locked: false,
         };
         if dirty && !opts.read_only {
             // Refcounts may be stale (lazy refcounts, unclean shutdown): repair as QEMU
