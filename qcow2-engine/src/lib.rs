@@ -20,6 +20,7 @@ mod compress;
 mod create;
 mod discard;
 pub mod error;
+mod host_end;
 mod image;
 mod l2map;
 mod locking;
