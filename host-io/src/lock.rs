@@ -311,29 +311,35 @@ fn release(file: &File, held: &mut Held, keep: Held) -> io::Result<()> {
 }
 
 /// Test that nobody else holds what `req` conflicts with (QEMU's `raw_check_lock_bytes`,
-/// in its order, so the first conflict named is the one QEMU names).
+/// in its order, so the first conflict named is the one QEMU names). Adjacent bytes are
+/// tested in one call; only a run with a conflict is tested byte by byte, to name it.
 fn check(file: &File, req: LockRequest) -> io::Result<()> {
-    let tests = req
-        .perm
-        .iter()
-        .map(|(i, p)| (LOCK_SHARED_BASE + i, p, false))
-        .chain(
-            req.shared
-                .complement()
-                .iter()
-                .map(|(i, p)| (LOCK_PERM_BASE + i, p, true)),
-        );
-    for (off, perm, shared) in tests {
-        let conflict = sys::ofd_getlk(file, off, 1, LockType::Write)
-            .map_err(|e| with_context(e, format!("Failed to test lock byte {off}")))?;
-        if conflict.is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::ResourceBusy,
-                LockConflict { perm, shared },
-            ));
+    for (base, set, shared) in [
+        (LOCK_SHARED_BASE, req.perm, false),
+        (LOCK_PERM_BASE, req.shared.complement(), true),
+    ] {
+        for (off, len) in Held::runs(base, set) {
+            if test(file, off, len)? {
+                for byte in off..off + len {
+                    if len == 1 || test(file, byte, 1)? {
+                        let perm = span(byte - base, 1);
+                        return Err(io::Error::new(
+                            io::ErrorKind::ResourceBusy,
+                            LockConflict { perm, shared },
+                        ));
+                    }
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Whether another open file description holds a lock on `len` bytes at `off`.
+fn test(file: &File, off: u64, len: u64) -> io::Result<bool> {
+    let conflict = sys::ofd_getlk(file, off, len, LockType::Write)
+        .map_err(|e| with_context(e, format!("Failed to test lock byte {off}")))?;
+    Ok(conflict.is_some())
 }
 
 /// Take `req` on `file` (already holding `*held`): apply, test, then drop the bytes no
@@ -374,7 +380,13 @@ pub(crate) fn acquire(
     Ok(true)
 }
 
-/// Release every byte in `*held`.
+/// Release every byte in `*held`: both lock areas in one call each (only this
+/// description's locks are touched).
 pub(crate) fn release_all(file: &File, held: &mut Held) -> io::Result<()> {
-    release(file, held, Held::default())
+    for base in [LOCK_PERM_BASE, LOCK_SHARED_BASE] {
+        sys::ofd_setlk(file, base, 4, LockType::Unlock)
+            .map_err(|e| with_context(e, format!("Failed to unlock byte {base}")))?;
+    }
+    *held = Held::default();
+    Ok(())
 }
