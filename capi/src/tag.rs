@@ -74,7 +74,9 @@ pub(crate) fn new_handle(image: Image) -> *mut QcowprovImage {
     (shell as *const QcowprovImage).cast_mut()
 }
 
-/// The failure for a tag that is not `LIVE`.
+/// The failure for a tag that is not `LIVE` (out of line: the hot path only compares).
+#[cold]
+#[inline(never)]
 fn bad_handle(tag: u64) -> Failure {
     Failure::new(
         libc::EBADF,
@@ -90,6 +92,7 @@ fn bad_handle(tag: u64) -> Failure {
 ///
 /// # Safety
 /// `img` is NULL or points to at least 16 readable bytes (a handle, open or closed, is).
+#[inline(always)]
 unsafe fn shell<'a>(img: *const QcowprovImage) -> CResult<&'a QcowprovImage> {
     crate::args::non_null(img, "img")?;
     if img
@@ -111,6 +114,7 @@ unsafe fn shell<'a>(img: *const QcowprovImage) -> CResult<&'a QcowprovImage> {
 /// # Safety
 /// `img` is NULL or points to at least 16 readable bytes; if it is an open handle, no
 /// other thread closes it during the borrow `'a`.
+#[inline(always)]
 pub(crate) unsafe fn image<'a>(img: *const QcowprovImage) -> CResult<&'a Image> {
     // SAFETY: forwarded from the caller.
     let shell = unsafe { shell(img) }?;
