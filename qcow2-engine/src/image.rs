@@ -207,7 +207,10 @@ impl Image {
         Ok(img)
     }
 
-    /// Open an image on any storage; `dir` resolves a relative backing file name.
+    /// Open an image on any storage; `dir` resolves a relative backing file name. No
+    /// image lock is taken on `storage` (lock a `FileStorage` yourself with
+    /// [`FileStorage::lock`]); backing files opened by name are locked as in
+    /// [`open`](Self::open).
     pub fn open_storage(
         storage: Arc<dyn Storage>,
         opts: &OpenOptions,
