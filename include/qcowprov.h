@@ -842,8 +842,9 @@ int qcowprov_get_info(struct qcowprov_image *img,
  * size its file or volume must have. A stack that keeps qcow2 images on volumes it grows
  * (LVM) polls this to extend the volume in time, as QEMU users poll
  * `wr_highest_offset`; unlike that it is exact from the open on, covers allocations
- * whose data is still being written, and goes down when the top clusters are freed. On
- * an image without leaks it equals `qemu-img check`'s "Image end offset".
+ * whose data is still being written, and goes down when the top clusters are freed (once
+ * the next `qcowprov_flush` has made their release safe: until then they count). On an
+ * image without leaks it equals `qemu-img check`'s "Image end offset".
  *
  * Cost: no check and no I/O in the common case: a scan of the in-memory refcount table
  * and of one refcount block (read once, then cached), under the metadata lock.

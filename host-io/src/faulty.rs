@@ -161,6 +161,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.flush()
     }
 
+    fn flush_count(&self) -> u64 {
+        self.inner.flush_count()
+    }
+
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }

@@ -157,6 +157,8 @@ pub struct FileStorage {
     held: Mutex<Held>,
     /// Whether locks are taken (`FileOptions::locking`).
     locking: Locking,
+    /// Flushes issued (statistics).
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 impl FileStorage {
@@ -287,6 +289,7 @@ impl FileStorage {
             rmw: RwLock::new(()),
             held: Mutex::new(Held::default()),
             locking: opts.locking,
+            flushes: Default::default(),
         };
         for p in &opts.disabled {
             s.disable_primitive(*p);
@@ -441,7 +444,13 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.file.sync_data()
+    }
+
+    fn flush_count(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -24,6 +24,9 @@ macro_rules! forward_storage {
             fn flush(&self) -> io::Result<()> {
                 (**self).flush()
             }
+            fn flush_count(&self) -> u64 {
+                (**self).flush_count()
+            }
             fn len(&self) -> io::Result<u64> {
                 (**self).len()
             }

@@ -253,6 +253,7 @@ impl Inner {
 pub struct MemStorage {
     inner: Mutex<Inner>,
     opts: MemOptions,
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 impl MemStorage {
@@ -266,6 +267,7 @@ impl MemStorage {
     pub fn with_options(opts: MemOptions) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
+            flushes: Default::default(),
             opts,
         }
     }
@@ -288,6 +290,7 @@ impl MemStorage {
         inner.write(&data, 0);
         Self {
             inner: Mutex::new(inner),
+            flushes: Default::default(),
             opts,
         }
     }
@@ -301,6 +304,7 @@ impl MemStorage {
     pub fn snapshot(&self) -> MemStorage {
         MemStorage {
             inner: Mutex::new(self.lock().clone()),
+            flushes: Default::default(),
             opts: self.opts,
         }
     }
@@ -361,7 +365,13 @@ impl Storage for MemStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    fn flush_count(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -105,6 +105,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Make every completed write durable (fdatasync on files, a cache flush on devices).
     fn flush(&self) -> io::Result<()>;
 
+    /// Flushes issued through this backend so far (statistics: how many barriers a
+    /// workload cost). Backends that do not count report 0.
+    fn flush_count(&self) -> u64 {
+        0
+    }
+
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
 

@@ -42,6 +42,10 @@ pub enum Error {
     /// permission and the way out; errno `EBUSY`.
     #[error("{0}")]
     InUse(String),
+    /// The handle failed earlier (an internal error interrupted a metadata update); it
+    /// refuses all I/O.
+    #[error("image handle failed: {0}")]
+    Failed(String),
 }
 
 /// "context: text" (just the text without a context), with the C library's errno text.
@@ -69,6 +73,7 @@ impl Error {
             Error::ReadOnly(_) => 30,    // EROFS
             Error::TooLarge(_) => 27,    // EFBIG
             Error::InUse(_) => host_io::LOCK_CONFLICT_ERRNO,
+            Error::Failed(_) => libc_eio(),
         }
     }
 

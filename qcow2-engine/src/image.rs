@@ -1,19 +1,23 @@
-//! The image handle: open options, lifetime (flush, close), and what it reports about
-//! itself. Reading, writing and opening live in their own files.
+//! The image handle: open options, what it reports about itself, and the frame every
+//! request runs in — plan under the metadata lock, execute without it, commit — with the
+//! claims that keep overlapping plans apart and the failed state a panic leaves behind.
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use host_io::{FileStorage, Locking, Storage};
 use qcow2_format::{CompressionType, Geometry};
 
-use crate::backing::Backing;
-use crate::error::invalid_arg;
-use crate::error::Result;
-use crate::meta::Meta;
+use crate::changes::{ChangeKind, Changes, ContentWatcher};
+use crate::error::{invalid_arg, Error, Result};
+use crate::lifecycle::backing::Backing;
+use crate::meta::{FastMap, Meta, OnFree};
 use crate::options::{format_size, parse_bool, parse_size, split_options, CacheOptions};
-use crate::policy::DiscardOptions;
+use crate::plan::{Commit, Plan};
+use crate::provision::policy::{DiscardOptions, FreeReason, Policy};
+use crate::request::claims::Claims;
 
 /// How to open an image.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,14 +43,19 @@ pub struct OpenOptions {
     /// permission, so it coexists with a writer (and may read inconsistent data).
     /// Read-only opens only.
     pub force_share: bool,
+    /// `quarantine-slack`: how many bytes the file may grow past what immediate reuse of
+    /// freed clusters would leave, while they wait for one barrier to release them all.
+    /// `None`: a sixteenth of the virtual size. `Some(0)`: reuse as soon as needed (one
+    /// barrier per reuse, the file never grows for it).
+    pub quarantine_slack: Option<u64>,
 }
 
 impl OpenOptions {
     /// Parse `key=value,...` runtime options: `read-only`, `cache.direct`,
-    /// `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, `locking` (alias
-    /// `file.locking`: on, off, auto), `force-share`, and the discard options (`discard`,
-    /// `pass-discard-request|snapshot|other`, `discard-no-unref`, `detect-zeroes`,
-    /// `provision`). Unknown keys are an error.
+    /// `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, `quarantine-slack`,
+    /// `locking` (alias `file.locking`: on, off, auto), `force-share`, and the discard
+    /// options (`discard`, `pass-discard-request|snapshot|other`, `discard-no-unref`,
+    /// `detect-zeroes`, `provision`). Unknown keys are an error.
     pub fn parse(s: &str) -> Result<OpenOptions> {
         let mut o = OpenOptions::default();
         let rest = o.discard.take(split_options(s)?)?;
@@ -57,6 +66,7 @@ impl OpenOptions {
                 "l2-cache-size" => o.cache.l2_cache_size = parse_size(&k, &v)?,
                 "l2-cache-entry-size" => o.cache.l2_cache_entry_size = parse_size(&k, &v)?,
                 "refcount-cache-size" => o.cache.refcount_cache_size = parse_size(&k, &v)?,
+                "quarantine-slack" => o.quarantine_slack = Some(parse_size(&k, &v)?),
                 "locking" | "file.locking" => {
                     o.locking = match v.as_str() {
                         "on" => Locking::On,
@@ -76,7 +86,7 @@ impl OpenOptions {
 /// Refuse bad option combinations before the file is touched (an option error is
 /// `EINVAL` even for an image in use). Version-dependent rules wait for the header.
 fn check_options(opts: &OpenOptions) -> Result<()> {
-    crate::locking::validate(opts)?;
+    crate::lifecycle::locking::validate(opts)?;
     opts.discard.resolve(3).map(|_| ())
 }
 
@@ -121,9 +131,9 @@ pub struct ImageInfo {
     /// The effective discard policy, e.g. `provision=metadata`.
     pub policy: String,
     /// The effective policy in structured form.
-    pub mode: crate::policy::Mode,
+    pub mode: crate::provision::policy::Mode,
     /// `detect-zeroes` in force.
-    pub detect_zeroes: crate::policy::DetectZeroes,
+    pub detect_zeroes: crate::provision::policy::DetectZeroes,
     /// Every runtime option in force, as `key=value,...` that [`OpenOptions::parse`]
     /// accepts: the discard policy, `detect-zeroes`, `pass-discard-snapshot|other`,
     /// `read-only`, `cache.direct`, `locking` (`on` when locks are held), `force-share`
@@ -133,23 +143,66 @@ pub struct ImageInfo {
     pub locked: bool,
 }
 
+/// Counters an open image keeps about its own work on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageStats {
+    /// Host flushes (fdatasync) issued through the image file.
+    pub host_flushes: u64,
+    /// Releases of the freed-cluster quarantine (each one barrier).
+    pub quarantine_releases: u64,
+    /// References waiting in the quarantine now.
+    pub quarantined: u64,
+    /// Host operations (discard, anchor) that failed (advisory).
+    pub host_op_failures: u64,
+    /// First byte past every allocated host cluster.
+    pub allocation_end: u64,
+}
+
+/// What the metadata lock guards: the metadata components, the policy in force, the
+/// claims of running plans, and the change subscribers.
+pub(crate) struct State {
+    pub meta: Meta,
+    pub policy: Policy,
+    pub claims: Claims,
+    pub changes: Changes,
+}
+
+impl State {
+    /// What happens on the host to clusters freed for `reason`.
+    pub(crate) fn on_free(&self, reason: FreeReason) -> OnFree {
+        if self.policy.passes(reason) {
+            OnFree::Discard
+        } else {
+            OnFree::Keep
+        }
+    }
+}
+
 /// An open qcow2 image. All methods take `&self`; one handle may be used from several
-/// threads. Metadata changes are serialized by one lock; data I/O on clusters that are
-/// already allocated runs outside it.
+/// threads. See the crate documentation for the locking and ordering protocol.
 pub struct Image {
-    pub(crate) meta: Mutex<Meta>,
+    pub(crate) state: Mutex<State>,
+    /// Signalled when claims end.
+    pub(crate) claims_ended: Condvar,
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) backing: Option<Backing>,
     pub(crate) geo: Geometry,
-    pub(crate) size: std::sync::atomic::AtomicU64,
+    pub(crate) version: u32,
+    pub(crate) size: AtomicU64,
     pub(crate) compression: CompressionType,
     pub(crate) read_only: bool,
-    pub(crate) closed: std::sync::atomic::AtomicBool,
+    pub(crate) closed: AtomicBool,
+    /// A panic interrupted metadata work: every call fails, nothing is flushed.
+    pub(crate) failed: AtomicBool,
     /// Whether the image looks metadata-preallocated (decided at the first block status
     /// query, as QEMU does): data clusters are then checked for holes in the file.
-    pub(crate) looks_preallocated: std::sync::OnceLock<bool>,
-    /// Shared with the metadata: see `Meta::free_gen`.
-    pub(crate) free_gen: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) looks_preallocated: OnceLock<bool>,
+    /// Shared with the metadata: bumped when clusters may have been freed.
+    pub(crate) free_gen: Arc<AtomicU64>,
+    /// Shared with the mapping: L2 entries for lock-free reads.
+    pub(crate) fast: Arc<FastMap>,
+    /// The `quarantine-slack` option, if given (else it follows the virtual size).
+    pub(crate) quarantine_slack: Option<u64>,
     /// The options the image was opened with.
     pub(crate) opts: OpenOptions,
     /// Whether image locks are held on the image file.
@@ -173,8 +226,9 @@ impl Image {
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         check_options(opts)?;
         let path = path.as_ref();
-        let storage = FileStorage::open(path, &crate::locking::file_options(opts, false))
-            .map_err(|e| crate::locking::open_error(e, None))?;
+        let storage =
+            FileStorage::open(path, &crate::lifecycle::locking::file_options(opts, false))
+                .map_err(|e| crate::lifecycle::locking::open_error(e, None))?;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         Self::open_file(storage, opts, canon)
     }
@@ -185,8 +239,9 @@ impl Image {
     /// of the file the descriptor refers to.
     pub fn open_fd(fd: OwnedFd, opts: &OpenOptions) -> Result<Image> {
         check_options(opts)?;
-        let storage = FileStorage::from_fd(fd, &crate::locking::file_options(opts, false))
-            .map_err(|e| crate::locking::open_error(e, None))?;
+        let storage =
+            FileStorage::from_fd(fd, &crate::lifecycle::locking::file_options(opts, false))
+                .map_err(|e| crate::lifecycle::locking::open_error(e, None))?;
         let path = storage.path().to_path_buf();
         Self::open_file(storage, opts, path)
     }
@@ -219,16 +274,141 @@ impl Image {
         Self::open_storage_in_chain(storage, opts, dir, &[])
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
-        // A panic while holding the lock leaves metadata possibly half-updated in memory;
-        // the on-disk state is still ordered, so continuing with the guard is no worse
-        // than the crash the ordering protects against.
-        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    /// The metadata lock. A handle whose metadata work panicked is failed: the half-done
+    /// metadata is never used or flushed again.
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(failed());
+        }
+        match self.state.lock() {
+            Ok(g) => Ok(g),
+            Err(_) => {
+                self.failed.store(true, Ordering::Release);
+                Err(failed())
+            }
+        }
+    }
+
+    /// The metadata lock, once guest cluster index `cluster` is not claimed.
+    pub(crate) fn lock_unclaimed(&self, cluster: u64) -> Result<MutexGuard<'_, State>> {
+        let mut g = self.lock()?;
+        while g.claims.is_claimed(cluster) {
+            g = self.wait(g)?;
+        }
+        Ok(g)
+    }
+
+    /// The metadata lock, once no plan is running (check, repair, resize).
+    pub(crate) fn lock_quiet(&self) -> Result<MutexGuard<'_, State>> {
+        let mut g = self.lock()?;
+        while !g.claims.is_empty() {
+            g = self.wait(g)?;
+        }
+        Ok(g)
+    }
+
+    fn wait<'a>(&'a self, g: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>> {
+        let g = self.claims_ended.wait(g).map_err(|_| {
+            self.failed.store(true, Ordering::Release);
+            failed()
+        })?;
+        if self.failed.load(Ordering::Acquire) {
+            return Err(failed());
+        }
+        Ok(g)
+    }
+
+    /// Take the claims and pins a plan names, and announce its change.
+    pub(crate) fn begin(&self, st: &mut State, plan: &Plan, kind: ChangeKind) {
+        if let Some((first, n)) = plan.claim {
+            st.claims.claim(first, n);
+        }
+        for &c in &plan.pins {
+            st.meta.alloc.pin(c);
+        }
+        if let Some((off, len)) = plan.changed {
+            st.changes.announce(off, len, kind);
+        }
+    }
+
+    /// Execute a begun plan without the lock, then finish it under the lock.
+    pub(crate) fn run(&self, plan: Plan, data: &[u8]) -> Result<()> {
+        let mut guard = Running {
+            img: self,
+            plan: Some(plan),
+        };
+        let plan_ref = guard.plan.as_ref().expect("set above");
+        let result = if plan_ref.has_io() {
+            self.execute(plan_ref, data)
+        } else {
+            Ok(0)
+        };
+        let plan = guard.plan.take().expect("set above");
+        let mut st = self.lock()?;
+        self.finish(&mut st, plan, result)
+    }
+
+    /// End a plan: drop its pins and claims; commit its edits if the I/O succeeded, give
+    /// its fresh clusters back if it failed.
+    pub(crate) fn finish(&self, st: &mut State, plan: Plan, result: Result<u64>) -> Result<()> {
+        for &c in &plan.pins {
+            st.meta.alloc.unpin(c);
+        }
+        if let Some((first, n)) = plan.claim {
+            st.claims.release(first, n);
+            self.claims_ended.notify_all();
+        }
+        let failures = match result {
+            Ok(f) => f,
+            Err(e) => {
+                // Nothing points at the new clusters yet: give them back.
+                for r in &plan.fresh {
+                    let _ = st.meta.unallocate(r.off, r.count);
+                }
+                return Err(e);
+            }
+        };
+        for _ in 0..failures {
+            st.meta.host_ops.failed();
+        }
+        if plan.data_first {
+            st.meta.require_data_first();
+        }
+        // A failure part-way leaves later fresh clusters unreferenced: leaks, never reuse.
+        for c in plan.commit {
+            match c {
+                Commit::SetL2 { slot, guest, entry } => st.meta.set_l2(slot, guest, entry)?,
+                Commit::Unref(kind) => self.unref(&mut st.meta, kind, OnFree::Keep)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop the references an entry of `kind` holds.
+    pub(crate) fn unref(
+        &self,
+        m: &mut Meta,
+        kind: qcow2_format::ClusterKind,
+        on_free: OnFree,
+    ) -> Result<()> {
+        use qcow2_format::ClusterKind;
+        match kind {
+            ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset } => {
+                m.free_clusters(offset, 1, on_free)
+            }
+            ClusterKind::Compressed(d) => {
+                for h in d.host_clusters(&self.geo) {
+                    m.free_clusters(h, 1, on_free)?;
+                }
+                Ok(())
+            }
+            ClusterKind::Unallocated | ClusterKind::ZeroPlain => Ok(()),
+        }
     }
 
     /// Virtual size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        self.size.load(std::sync::atomic::Ordering::Acquire)
+        self.size.load(Ordering::Acquire)
     }
 
     /// Cluster size in bytes.
@@ -246,10 +426,17 @@ impl Image {
         &self.storage
     }
 
-    /// What the image reports about itself.
+    /// Subscribe to every change of guest-visible content (see [`ContentWatcher`]).
+    pub fn watch_changes(&self, w: Arc<dyn ContentWatcher>) -> Result<()> {
+        self.lock()?.changes.subscribe(w);
+        Ok(())
+    }
+
+    /// What the image reports about itself (also on a failed handle: it only reads).
     pub fn info(&self) -> ImageInfo {
-        let m = self.lock();
-        let h = &m.area.header;
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let area = st.meta.header.area();
+        let h = &area.header;
         let s = |v: Option<&[u8]>| v.map(|b| String::from_utf8_lossy(b).into_owned());
         ImageInfo {
             virtual_size: self.virtual_size(),
@@ -260,39 +447,51 @@ impl Image {
             extended_l2: self.geo.extended_l2(),
             lazy_refcounts: h.lazy_refcounts(),
             compression_type: self.compression,
-            backing_file: s(m.area.backing_file.as_deref()),
-            backing_format: s(m.area.backing_format()),
-            snapshots: m.snapshots.len(),
+            backing_file: s(area.backing_file.as_deref()),
+            backing_format: s(area.backing_format()),
+            snapshots: st.meta.snapshots.len(),
             incompatible_features: h.incompatible_features,
             compatible_features: h.compatible_features,
             autoclear_features: h.autoclear_features,
             read_only: self.read_only,
             discard_granularity: self.geo.cluster_size(),
             write_zeroes_alignment: self.geo.subcluster_size(),
-            policy: m.policy.describe(),
-            mode: m.policy.mode,
-            detect_zeroes: m.policy.detect_zeroes,
-            options: self.runtime_options(&m),
+            policy: st.policy.describe(),
+            mode: st.policy.mode,
+            detect_zeroes: st.policy.detect_zeroes,
+            options: self.runtime_options(&st),
             locked: self.locked,
         }
     }
 
     /// See [`ImageInfo::options`].
-    fn runtime_options(&self, m: &Meta) -> String {
+    fn runtime_options(&self, st: &State) -> String {
         let on = |b: bool| if b { "on" } else { "off" };
-        let l2_entry = m.l2_cache.entry_size() as u64;
+        let (l2_entry, l2_entries, rb_entry, rb_entries) = st.meta.cache_geometry();
         format!(
             "{},read-only={},cache.direct={},locking={},force-share={},l2-cache-size={},\
              l2-cache-entry-size={},refcount-cache-size={}",
-            m.policy.describe_all(),
+            st.policy.describe_all(),
             on(self.read_only),
             on(self.opts.direct),
             on(self.locked),
             on(self.opts.force_share),
-            format_size(l2_entry * m.l2_cache.capacity() as u64),
+            format_size(l2_entry * l2_entries),
             format_size(l2_entry),
-            format_size(m.rb_cache.entry_size() as u64 * m.rb_cache.capacity() as u64),
+            format_size(rb_entry * rb_entries),
         )
+    }
+
+    /// Counters about the image's host work.
+    pub fn stats(&self) -> Result<ImageStats> {
+        let st = self.lock()?;
+        Ok(ImageStats {
+            host_flushes: self.storage.flush_count(),
+            quarantine_releases: st.meta.alloc.releases(),
+            quarantined: st.meta.alloc.quarantined() as u64,
+            host_op_failures: st.meta.host_ops.failures(),
+            allocation_end: st.meta.alloc.end(),
+        })
     }
 
     /// Change the discard / write-zeroes options of an open image (like QEMU's reopen):
@@ -302,43 +501,69 @@ impl Image {
     /// issued under the old policy first.
     pub fn set_options(&self, options: &str) -> Result<()> {
         let d = DiscardOptions::parse(options)?;
-        let mut m = self.lock();
-        let policy = m.policy.options.merged(d).resolve(m.area.header.version)?;
-        if !m.read_only {
-            m.run_host_ops()?;
-            m.run_deferred_discards()?;
+        let mut st = self.lock_quiet()?;
+        let policy = st.policy.options.merged(d).resolve(self.version)?;
+        if !self.read_only {
+            st.meta.release_quarantine()?;
+            st.meta.run_deferred_discards();
         }
-        m.policy = policy;
+        st.policy = policy;
+        st.meta.metadata_on_free = st.on_free(FreeReason::Other);
         Ok(())
     }
 
     /// Make every completed write durable.
     pub fn flush(&self) -> Result<()> {
-        self.lock().flush()
+        self.lock()?.meta.flush()
     }
 
     /// Flush and close, reporting a flush error (dropping an image flushes silently).
     pub fn close(self) -> Result<()> {
         let r = self.close_inner();
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.closed.store(true, Ordering::Release);
         r
     }
 
     fn close_inner(&self) -> Result<()> {
-        let mut m = self.lock();
-        if m.read_only {
+        let mut st = self.lock()?;
+        if self.read_only {
             return Ok(());
         }
-        m.flush()?;
-        m.finish_clean_close()
+        st.meta.flush()?;
+        st.meta.finish_clean_close()
     }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if !self.closed.load(Ordering::Acquire) {
             let _ = self.close_inner();
         }
+    }
+}
+
+fn failed() -> Error {
+    Error::Failed("an internal error interrupted a metadata update earlier; the handle refuses all I/O and will not flush (reopen the image)".into())
+}
+
+/// A plan between its planning and its finish: if the executor panics, the claims end and
+/// the handle is failed instead of leaving other requests waiting forever.
+struct Running<'a> {
+    img: &'a Image,
+    plan: Option<Plan>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let Some(plan) = self.plan.take() else {
+            return;
+        };
+        self.img.failed.store(true, Ordering::Release);
+        if let Ok(mut st) = self.img.state.lock() {
+            if let Some((first, n)) = plan.claim {
+                st.claims.release(first, n);
+            }
+        }
+        self.img.claims_ended.notify_all();
     }
 }

@@ -1,45 +1,97 @@
 //! # qcow2-engine
 //!
 //! The qcow2 image engine on top of `qcow2-format` (structures) and `host-io` (storage):
-//! create and open images, read and write at any offset, with metadata caches, a
-//! refcount-based allocator that fills holes, copy-on-write over backing files, snapshots
-//! and compressed clusters, and crash-safe write ordering.
+//! create and open images, read and write at any offset, discard and write-zeroes under
+//! QEMU's options or a provisioning mode, copy-on-write over backing files, snapshots and
+//! compressed clusters, block status, check and repair.
 //!
-//! Concurrency: an [`Image`] is shared by reference between threads. One metadata lock
-//! serializes metadata changes; reads and writes of clusters that are already allocated
-//! do their data I/O outside it, with the clusters pinned so that they cannot be freed and
-//! reallocated underneath.
+//! ## Where things live
+//!
+//! | folder / file | what |
+//! |---|---|
+//! | `image.rs` | the handle: open options, info, the plan / execute / commit frame |
+//! | `request/` | guest requests, each planned under the lock: `read`, `write`, `zero` (discard and write-zeroes), `status` (block status, map), `claims` |
+//! | `plan.rs` | a planned request as a value: host I/O, pins, claims, commit edits |
+//! | `exec/` | executors that carry out plans (`sync`), decompression |
+//! | `meta/` | metadata components: header, mapping (L1, L2 cache, lock-free entry cache), refcounts, allocator and quarantine, write-back order, host-op queue, overlap regions; the highest allocated offset |
+//! | `provision/` | the discard / write-zeroes policy and the pure per-cluster decision |
+//! | `integrity/` | the L1/L2 walker, check, repair |
+//! | `lifecycle/` | open (and the image locks it takes), create, resize, backing files |
+//! | `changes.rs` | the one point where every content change is announced |
+//!
+//! ## Locking, ordering and durability (the protocol, in one place)
+//!
+//! **Locks.** One mutex per image guards the metadata ([`image`]'s `State`: the
+//! components, the policy, the claims, the change subscribers). Requests are planned under
+//! it and carried out without it:
+//! - *reads* of a single cluster first try the lock-free entry cache (a seqlock per slot,
+//!   filled and invalidated under the lock); otherwise they resolve under the lock. The
+//!   data is read without the lock and accepted only if the free generation did not move
+//!   meanwhile (a freed cluster could have been reused); after three races the clusters
+//!   are pinned instead.
+//! - *writes* to owned clusters pin their host clusters and write without the lock;
+//!   *allocating writes* allocate and claim their guest clusters under the lock, write the
+//!   data (with copy-on-write pieces) without it, and commit the L2 entries under it.
+//! - *discard and write-zeroes* edit entries and refcounts under the lock in batches of at
+//!   most 512 clusters, then run host effects on kept clusters without it, claimed.
+//! - A request touching a claimed guest cluster waits until the claim ends. Check, repair,
+//!   resize and option changes wait until no claim is held.
+//! - Lock order over a backing chain: an image's lock is never held while a backing
+//!   file's lock is taken for I/O; backing files are read-only and are read without the
+//!   overlay's lock (copy-on-write sources are read by the executor). Locks are never
+//!   nested.
+//! - Operations that wait on host I/O under the lock: cache misses and evictions,
+//!   allocation that grows the refcount structures, table moves, barriers (flush, the
+//!   quarantine release), deferred host discards, check and repair. Guest data I/O never
+//!   runs under it, except the copy-on-write read of an unaligned write-zeroes check.
+//! - A panic while the lock is held, or while a plan runs, fails the handle: every later
+//!   call returns EIO and nothing half-updated is ever flushed.
+//!
+//! **Ordering** (QEMU's cache dependencies, plus a quarantine):
+//! - allocation: refcount blocks counting new clusters are written and synced before any
+//!   L2 slice pointing at them;
+//! - data an L2 entry newly exposes (copy-on-write, a rewritten zero cluster) is synced
+//!   before that entry's slice is written;
+//! - a new table (L2, L1, refcount table or block) is written and synced before the entry
+//!   or header that links it; the header moves in one sector write;
+//! - freeing: a dropped reference waits in the quarantine; its refcount is subtracted only
+//!   after one barrier made every L2/L1 change durable, so a cluster never holds new data
+//!   while a durable entry still points at it. The quarantine is released at every flush,
+//!   when it is large, and when allocation would grow the file past a slack of 1/16 of
+//!   the virtual size;
+//! - host discards of freed clusters run after that release, and are dropped if the
+//!   cluster is reallocated first.
+//!
+//! **Durability.** `flush` releases the quarantine, issues deferred discards, writes every
+//! dirty table in order and syncs: every write completed before it is durable. A crash
+//! leaves leaks at worst (never a cluster referenced with a refcount below its uses).
 #![forbid(unsafe_code)]
 
-mod alloc;
-mod backing;
-mod cache;
-mod check;
-mod check_bitmaps;
-mod compress;
-mod create;
-mod discard;
+mod changes;
 pub mod error;
-mod host_end;
+mod exec;
 mod image;
-mod l2map;
-mod locking;
-mod map;
+mod integrity;
+mod lifecycle;
 mod meta;
-mod open;
 pub mod options;
-pub mod policy;
-mod read;
-mod refcounts;
-mod repair;
-mod resize;
-mod write;
+mod plan;
+pub mod provision;
+mod request;
 
-pub use check::{CheckReport, Repair};
-pub use create::{create, create_fd, create_on};
+pub use changes::{ChangeKind, ContentWatcher};
 pub use error::{Error, Result};
 pub use host_io::Locking;
-pub use image::{Image, ImageInfo, OpenOptions};
-pub use map::{BlockStatus, MapEntry};
+pub use image::{Image, ImageInfo, ImageStats, OpenOptions};
+pub use integrity::check::{CheckReport, Repair};
+pub use lifecycle::backing::MAX_BACKING_DEPTH;
+pub use lifecycle::create::{create, create_fd, create_on};
 pub use options::{CacheOptions, CreateOptions, Preallocation};
-pub use policy::{DetectZeroes, DiscardOptions, Layer, Mode, Policy, Provision};
+pub use provision::policy::{DetectZeroes, DiscardOptions, Layer, Mode, Policy, Provision};
+pub use request::status::{BlockStatus, MapEntry};
+pub use request::zero::ZeroFlags;
+
+/// The discard / write-zeroes policy types (also at the crate root).
+pub mod policy {
+    pub use crate::provision::policy::*;
+}

@@ -407,7 +407,8 @@ fn rediscard_of_zero_alloc_cluster_releases_stale_host_data() {
 #[test]
 fn allocating_write_after_thin_discard_keeps_new_data() {
     let dir = TempDir::new("prov-reuse-write");
-    let (p, img) = prepared(&dir, "t.qcow2", "provision=thin");
+    // Immediate reuse (no quarantine slack): the scenario needs the freed cluster reused.
+    let (p, img) = prepared(&dir, "t.qcow2", "provision=thin,quarantine-slack=0");
     let freed = host_cluster(&img, 1);
     img.discard(CS, CS).unwrap();
     // Clusters 8 and 9 were never written: this allocates, and fills the hole first.
@@ -456,7 +457,11 @@ fn new_l2_table_after_thin_discard_survives() {
         },
     )
     .unwrap();
-    let img = Image::open(&p, &OpenOptions::parse("provision=thin").unwrap()).unwrap();
+    let img = Image::open(
+        &p,
+        &OpenOptions::parse("provision=thin,quarantine-slack=0").unwrap(),
+    )
+    .unwrap();
     img.write_at(&vec![0x61u8; 64 << 10], 0).unwrap();
     img.flush().unwrap();
     let freed: Vec<u64> = (0..4)
@@ -516,7 +521,11 @@ fn write_zeroes_tail_allocation_after_freed_body_keeps_data() {
         },
     )
     .unwrap();
-    let img = Image::open(&p, &OpenOptions::parse("provision=thin").unwrap()).unwrap();
+    let img = Image::open(
+        &p,
+        &OpenOptions::parse("provision=thin,quarantine-slack=0").unwrap(),
+    )
+    .unwrap();
     img.write_at(&vec![0xccu8; (3 * CS) as usize], 0).unwrap();
     img.flush().unwrap();
     let freed = host_cluster(&img, 0);

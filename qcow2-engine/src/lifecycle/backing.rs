@@ -86,8 +86,10 @@ pub(crate) fn open_backing(
         ));
     }
     // Locked as a read-only open (QEMU's COW child): nobody may write or resize it.
-    let storage = FileStorage::open(&canon, &crate::locking::file_options(opts, true))
-        .map_err(|e| crate::locking::open_error(e, Some("Could not open backing file")))?;
+    let storage = FileStorage::open(&canon, &crate::lifecycle::locking::file_options(opts, true))
+        .map_err(|e| {
+        crate::lifecycle::locking::open_error(e, Some("Could not open backing file"))
+    })?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let fmt = match fmt {
         Some(f) => std::str::from_utf8(f).unwrap_or("").to_string(),

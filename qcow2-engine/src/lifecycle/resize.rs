@@ -1,10 +1,10 @@
-//! Growing the virtual size: a larger L1 table moves to a fresh area when needed; the
-//! header switches to it in one sector write. Shrinking is refused for now.
+//! Growing the virtual size: a larger L1 table moves to a fresh area when needed, through
+//! the one table switch (write, sync, header, sync). Shrinking is refused for now.
 
+use crate::changes::ChangeKind;
 use crate::error::{invalid_arg, Error, Result};
 use crate::image::Image;
-use crate::meta::{MetaKind, Which};
-use crate::policy::FreeReason;
+use crate::meta::{MetaKind, NewTable, Which};
 
 impl Image {
     /// Change the virtual size. Growing only; the new size must be a multiple of 512.
@@ -18,8 +18,8 @@ impl Image {
             ));
         }
         let geo = self.geo;
-        let mut m = self.lock();
-        m.prepare_first_write()?;
+        let mut st = self.lock_quiet()?;
+        st.meta.prepare_first_write()?;
         let cur = self.virtual_size();
         if new_size < cur {
             return Err(Error::Unsupported(format!(
@@ -31,51 +31,57 @@ impl Image {
         if new_size == cur {
             return Ok(());
         }
-        if !m.snapshots.is_empty() {
+        if !st.meta.snapshots.is_empty() {
             return Err(Error::Unsupported(
                 "resizing an image with internal snapshots".into(),
             ));
         }
         geo.check_virtual_size(new_size)
             .map_err(|_| crate::options::size_too_large(new_size, &geo))?;
+        st.changes.announce(cur, new_size - cur, ChangeKind::Resize);
+        let m = &mut st.meta;
         let need = geo.l1_entries_for(new_size) as usize;
-        if need > m.l1.len() {
+        if need > m.mapping.l1().len() {
             let cs = geo.cluster_size();
-            let bytes = need as u64 * 8;
-            let clusters = geo.clusters_for(bytes);
+            let clusters = geo.clusters_for(need as u64 * 8);
             let new_off = m.alloc_contiguous(clusters)?;
-            // The whole clusters: the table is written with its zero padding.
-            m.add_meta(new_off, clusters * cs, MetaKind::ActiveL1);
-            // The new table's refcounts, then its content, must be durable before the
-            // header points at it.
+            // The new table's refcounts must be durable before the header points at it
+            // (the switch syncs after writing the table).
             m.write_back(Which::Refcount)?;
-            let mut table = m.l1.clone();
+            let mut table = m.mapping.l1().to_vec();
             table.resize(need, 0);
             let mut raw = qcow2_format::l1::encode_table(&table);
             raw.resize((clusters * cs) as usize, 0);
-            m.write_host(&raw, new_off, Some(MetaKind::ActiveL1), "new L1 table")?;
-            m.sync()?;
-            let old_off = m.area.header.l1_table_offset;
-            let old_entries = m.area.header.l1_size as u64;
-            m.update_header(|h| {
-                h.l1_table_offset = new_off;
-                h.l1_size = need as u32;
-                h.size = new_size;
-            })?;
-            m.sync()?;
-            m.l1 = table;
-            m.remove_meta(old_off);
+            let old_off = m.header.get().l1_table_offset;
+            let old_entries = m.header.get().l1_size as u64;
+            m.switch_table(
+                NewTable {
+                    kind: MetaKind::ActiveL1,
+                    off: new_off,
+                    bytes: &raw,
+                    what: "new L1 table",
+                },
+                |h| {
+                    h.l1_table_offset = new_off;
+                    h.l1_size = need as u32;
+                    h.size = new_size;
+                },
+            )?;
+            m.mapping.replace_l1(table);
+            m.regions.remove(old_off);
             if old_entries > 0 {
-                m.free_clusters(
-                    old_off,
-                    geo.clusters_for(old_entries * 8),
-                    FreeReason::Other,
-                )?;
+                let on_free = m.metadata_on_free;
+                m.free_clusters(old_off, geo.clusters_for(old_entries * 8), on_free)?;
             }
         } else {
             m.update_header(|h| h.size = new_size)?;
             m.sync()?;
         }
+        m.alloc.set_slack(crate::lifecycle::open::growth_slack(
+            &geo,
+            new_size,
+            self.quarantine_slack,
+        ));
         self.size
             .store(new_size, std::sync::atomic::Ordering::Release);
         Ok(())

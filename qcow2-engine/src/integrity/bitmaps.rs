@@ -5,10 +5,9 @@
 
 use qcow2_format::bitmaps::{self, MAX_BITMAP_DIRECTORY_SIZE, MAX_BITMAP_TABLE_SIZE};
 use qcow2_format::extensions::HeaderExtension;
-use qcow2_format::features::autoclear;
 
-use crate::check::CheckReport;
 use crate::error::Result;
+use crate::integrity::check::CheckReport;
 use crate::meta::Meta;
 
 /// Receives each host region a bitmap structure occupies: offset, length, what it is.
@@ -25,11 +24,10 @@ pub(crate) fn bitmap_regions(
     file_len: u64,
     f: OnRegion<'_>,
 ) -> Result<()> {
-    let h = &m.area.header;
-    if h.version < 3 || h.autoclear_features & autoclear::BITMAPS == 0 {
+    if !m.header.bitmaps_consistent() {
         return Ok(());
     }
-    let Some(ext) = m.area.extensions.iter().find_map(|e| match e {
+    let Some(ext) = m.header.area().extensions.iter().find_map(|e| match e {
         HeaderExtension::Bitmaps(b) => Some(*b),
         _ => None,
     }) else {

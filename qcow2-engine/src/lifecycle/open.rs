@@ -3,10 +3,9 @@
 //! and open the backing chain. Cost is proportional to the L1 and refcount tables, never
 //! to the image's data.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use host_io::Storage;
 use qcow2_format::features::{describe_incompatible, incompatible};
@@ -15,11 +14,17 @@ use qcow2_format::l1::decode_table;
 use qcow2_format::snapshot::{SnapshotEntry, SNAPSHOT_FIXED_LEN};
 use qcow2_format::{refcount, Geometry, HeaderArea, L1Entry};
 
-use crate::backing::open_backing;
-use crate::cache::TableCache;
+use crate::changes::Changes;
 use crate::error::{corrupt, invalid_arg, Error, Result};
-use crate::image::{Image, OpenOptions};
-use crate::meta::{Dep, Meta, MetaKind};
+use crate::image::{Image, OpenOptions, State};
+use crate::lifecycle::backing::open_backing;
+use crate::meta::cache::TableCache;
+use crate::meta::{
+    Allocator, FastMap, HeaderState, HostOps, Mapping, Meta, MetaKind, Refcounts, Regions,
+    WriteOrder,
+};
+use crate::provision::policy::FreeReason;
+use crate::request::claims::Claims;
 
 /// QEMU's default ceiling for the L2 cache.
 const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
@@ -160,57 +165,71 @@ impl Image {
             }
             _ => None,
         };
-        let free_gen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let free_gen = Arc::new(AtomicU64::new(0));
+        let fast = Arc::new(FastMap::default());
+        let policy = opts.discard.resolve(h.version)?;
+        let version = h.version;
+        let dirty = h.is_dirty();
         let meta = Meta {
             storage: storage.clone(),
             geo,
             read_only: opts.read_only,
-            l1,
-            reftable,
-            l2_cache: TableCache::new(l2_entry, l2_entries),
-            rb_cache: TableCache::new(cs as usize, rb_entries),
-            dep: Dep::None,
-            l2_needs_sync: false,
-            free_hint: 0,
-            alloc_end: geo.align_up(file_len),
-            inflight: Default::default(),
-            meta_ranges: ranges.map,
+            mapping: Mapping::new(
+                geo,
+                l1,
+                l1_past_eof,
+                TableCache::new(l2_entry, l2_entries),
+                fast.clone(),
+            ),
+            refcounts: Refcounts::new(geo, reftable, TableCache::new(cs as usize, rb_entries)),
+            alloc: Allocator::new(
+                geo.align_up(file_len),
+                growth_slack(&geo, virtual_size, opts.quarantine_slack),
+            ),
+            order: WriteOrder::default(),
+            host_ops: HostOps::default(),
+            regions: ranges.regions,
             snapshots,
-            corrupt: h.is_corrupt(),
-            first_write_done: false,
-            l1_past_eof,
-            dirty_set_by_us: false,
-            policy: opts.discard.resolve(h.version)?,
-            host_ops: Vec::new(),
-            host_ops_need_sync: false,
-            host_op_failures: 0,
-            deferred_discards: Default::default(),
-            deferred_need_sync: false,
+            metadata_on_free: if policy.passes(FreeReason::Other) {
+                crate::meta::OnFree::Discard
+            } else {
+                crate::meta::OnFree::Keep
+            },
             free_gen: free_gen.clone(),
-            area,
+            header: HeaderState::new(area),
         };
-        let dirty = meta.area.header.is_dirty();
         let img = Image {
-            meta: Mutex::new(meta),
+            state: Mutex::new(State {
+                meta,
+                policy,
+                claims: Claims::default(),
+                changes: Changes::default(),
+            }),
+            claims_ended: Condvar::new(),
             storage,
             backing,
             geo,
+            version,
             size: AtomicU64::new(virtual_size),
             compression,
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
-            looks_preallocated: std::sync::OnceLock::new(),
+            failed: AtomicBool::new(false),
+            looks_preallocated: OnceLock::new(),
             free_gen,
+            fast,
+            quarantine_slack: opts.quarantine_slack,
             opts: opts.clone(),
             locked: false,
         };
         if dirty && !opts.read_only {
             // Refcounts may be stale (lazy refcounts, unclean shutdown): repair as QEMU
             // does on a read-write open, then mark the image clean.
-            img.check(crate::check::Repair::All)?;
-            let mut m = img.lock();
-            m.update_header(|h| h.incompatible_features &= !incompatible::DIRTY)?;
-            m.sync()?;
+            img.check(crate::integrity::check::Repair::All)?;
+            let mut st = img.lock()?;
+            st.meta
+                .update_header(|h| h.incompatible_features &= !incompatible::DIRTY)?;
+            st.meta.sync()?;
         }
         Ok(img)
     }
@@ -330,7 +349,7 @@ fn cache_sizes(
 /// Metadata ranges being collected at open, with overlaps recorded as problems.
 #[derive(Default)]
 struct MetaMap {
-    map: BTreeMap<u64, (u64, MetaKind)>,
+    regions: Regions,
     problems: Vec<String>,
 }
 
@@ -339,19 +358,23 @@ impl MetaMap {
         if len == 0 {
             return;
         }
-        let end = start.saturating_add(len);
-        if let Some((&s, &(e, k))) = self.map.range(..end).next_back() {
-            if e > start {
-                self.problem(format!(
-                    "{kind:?} at {start:#x}..{end:#x} overlaps {k:?} at {s:#x}..{e:#x}"
-                ));
-                return;
-            }
+        if let Some((s, e, k)) = self.regions.overlapping(start, len) {
+            let end = start.saturating_add(len);
+            self.problem(format!(
+                "{kind:?} at {start:#x}..{end:#x} overlaps {k:?} at {s:#x}..{e:#x}"
+            ));
+            return;
         }
-        self.map.insert(start, (end, kind));
+        self.regions.add(start, len, kind);
     }
 
     fn problem(&mut self, p: String) {
         self.problems.push(p);
     }
+}
+/// How many clusters the file may grow by while freed clusters wait in the quarantine: as
+/// the option says, else a sixteenth of the virtual size, so the file stays within a few
+/// percent of what it would be with immediate reuse.
+pub(crate) fn growth_slack(geo: &Geometry, virtual_size: u64, option: Option<u64>) -> u64 {
+    option.unwrap_or(virtual_size / 16) >> geo.cluster_bits()
 }

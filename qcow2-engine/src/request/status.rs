@@ -4,10 +4,10 @@
 
 use qcow2_format::{ClusterKind, SubclusterKind};
 
-use crate::backing::Backing;
 use crate::error::{Error, Result};
 use crate::image::Image;
-use crate::l2map::pieces;
+use crate::lifecycle::backing::Backing;
+use crate::request::pieces::pieces;
 
 /// The status of a guest range, as one layer of the chain reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +169,8 @@ impl Image {
                 let real_clusters = real / cs;
                 let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
                 let len = self.storage.len().map_err(io("reading the image length"))?;
-                let mut m = self.lock();
+                let mut st = self.lock()?;
+                let m = &mut st.meta;
                 let mut count = 0u64;
                 let mut c = 0u64;
                 while c < len.div_ceil(cs) && count < threshold {
@@ -189,14 +190,15 @@ impl Image {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let end = off + len;
-        let mut m = self.lock();
+        let mut st = self.lock()?;
+        let m = &mut st.meta;
         let mut acc: Option<BlockStatus> = None;
         let mut pos = off;
         // Unallocated L1 entries are skipped whole; at most one L2 table's worth of entries
         // is examined per call, which keeps the lock short on huge ranges.
         let mut budget = geo.l2_entries();
         while pos < end && budget > 0 {
-            let l1 = m.l1_entry(pos)?;
+            let l1 = m.mapping.l1_entry(pos)?;
             if l1.is_unallocated() {
                 // The whole L2 range is unallocated.
                 let table_end = ((pos / geo.l2_coverage()) + 1).saturating_mul(geo.l2_coverage());

@@ -12,9 +12,10 @@ use qcow2_format::header::{Header, V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::l1::encode_table;
 use qcow2_format::{refcount, CompressionType, Geometry, HeaderArea};
 
-use crate::backing::{open_backing, Backing};
+use crate::changes::ChangeKind;
 use crate::error::{invalid_arg, Error, Result};
 use crate::image::{Image, OpenOptions};
+use crate::lifecycle::backing::{open_backing, Backing};
 use crate::options::{CreateOptions, Preallocation};
 
 /// The feature name table QEMU writes into v3 images (names from the specification).
@@ -51,7 +52,7 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
     // Locked (as qemu-img create) before a regular file is truncated: an image in use is
     // refused with `Error::InUse`, never clobbered.
     let storage = FileStorage::open(path, &FileOptions::create_new())
-        .map_err(|e| crate::locking::open_error(e, None))?;
+        .map_err(|e| crate::lifecycle::locking::open_error(e, None))?;
     create_on(Arc::new(storage), opts, Some(&dir))
 }
 
@@ -64,7 +65,8 @@ pub fn create_fd(fd: std::os::fd::OwnedFd, opts: &CreateOptions) -> Result<()> {
         create: false,
         ..FileOptions::create_new()
     };
-    let storage = FileStorage::from_fd(fd, &fo).map_err(|e| crate::locking::open_error(e, None))?;
+    let storage = FileStorage::from_fd(fd, &fo)
+        .map_err(|e| crate::lifecycle::locking::open_error(e, None))?;
     let dir = storage.path().parent().map(Path::to_path_buf);
     create_on(Arc::new(storage), opts, dir.as_deref())
 }
@@ -104,17 +106,8 @@ pub fn create_on(
     let l1_entries = geo.l1_entries_for(size);
     // An empty disk has no L1 table at all (offset 0), as qemu-img makes it.
     let l1_clusters = geo.clusters_for(l1_entries * 8);
-    // Solve for the number of refcount blocks and table clusters that count everything.
-    let (mut rt, mut rb) = (1u64, 1u64);
-    loop {
-        let total = 1 + rt + rb + l1_clusters;
-        let rb2 = total.div_ceil(geo.refcount_block_entries());
-        let rt2 = (rb2 * 8).div_ceil(cs);
-        if (rb2, rt2) == (rb, rt) {
-            break;
-        }
-        (rb, rt) = (rb2, rt2);
-    }
+    // The refcount structures count the header, the L1 table and themselves.
+    let (rt, rb) = crate::meta::structure_size(&geo, 1 + l1_clusters);
     let rt_off = cs;
     let rb_off = rt_off + rt * cs;
     let l1_off = if l1_entries == 0 { 0 } else { rb_off + rb * cs };
@@ -239,28 +232,28 @@ impl Image {
         let cs = geo.cluster_size();
         let size = self.virtual_size();
         let per_table = geo.l2_entries();
-        let mut m = self.lock();
+        let mut st = self.lock()?;
+        st.changes.announce(0, size, ChangeKind::Preallocate);
+        let m = &mut st.meta;
         m.prepare_first_write()?;
+        let bm = if geo.extended_l2() {
+            qcow2_format::l2::BITMAP_ALL_ALLOC
+        } else {
+            0
+        };
         let mut g = 0u64;
         while g < size {
             let n = ((size - g).div_ceil(cs)).min(per_table - geo.l2_index(g));
-            let first_slot = m.l2_slot_for_write(g)?;
-            let _ = first_slot;
+            m.l2_slot_for_write(g)?;
             let runs = m.alloc_clusters(n)?;
             let mut i = 0u64;
             for r in &runs {
                 for k in 0..r.count {
                     let host = r.off + k * cs;
-                    let slot = m.l2_slot_for_write(g + i * cs)?;
-                    let bm = if geo.extended_l2() {
-                        qcow2_format::l2::BITMAP_ALL_ALLOC
-                    } else {
-                        0
-                    };
-                    m.l2_set(
-                        slot,
-                        qcow2_format::L2Entry::new(host | qcow2_format::l2::OFLAG_COPIED, bm),
-                    )?;
+                    let guest = g + i * cs;
+                    let slot = m.l2_slot_for_write(guest)?;
+                    let e = qcow2_format::L2Entry::new(host | qcow2_format::l2::OFLAG_COPIED, bm);
+                    m.set_l2(slot, guest, e)?;
                     i += 1;
                 }
                 let len = r.count * cs;
@@ -280,7 +273,7 @@ impl Image {
             g += n * cs;
         }
         // The file covers every allocated cluster, as qemu-img leaves it.
-        let end = m.alloc_end;
+        let end = m.alloc.end();
         let len = m
             .storage
             .len()

@@ -1,6 +1,7 @@
-//! The end of the highest host cluster in use: what a stack that grows the volume under an
-//! image watches (LVM thin provisioning, where QEMU users poll `wr_highest_offset`), read
-//! from the refcounts in memory without a check.
+//! What the metadata reports about itself without changing anything: the end of the
+//! highest host cluster in use (what a stack that grows the volume under an image watches:
+//! LVM thin provisioning, where QEMU users poll `wr_highest_offset`), read from the
+//! refcounts in memory without a check; and the effective cache sizes.
 
 use qcow2_format::refcount;
 
@@ -19,8 +20,11 @@ impl Image {
     ///
     /// Cost: a scan of the refcount table (in memory) from its end, and of the last
     /// non-empty refcount block (usually cached), under the metadata lock.
+    ///
+    /// Clusters freed but still in the quarantine (released at the next flush) count: an
+    /// entry on disk may still point at them until then.
     pub fn highest_offset(&self) -> Result<u64> {
-        self.lock().highest_allocated_end()
+        self.lock()?.meta.highest_allocated_end()
     }
 }
 
@@ -29,18 +33,32 @@ impl Meta {
     pub(crate) fn highest_allocated_end(&mut self) -> Result<u64> {
         let per_block = self.geo.refcount_block_entries();
         let order = self.geo.refcount_order();
-        for ti in (0..self.reftable.len() as u64).rev() {
-            let block = self.refblock_for(ti * per_block)?;
+        for ti in (0..self.refcounts.table().len() as u64).rev() {
+            let block = self.refcounts.block_for(ti * per_block)?;
             if block == 0 {
                 continue;
             }
             self.load(Which::Refcount, block)?;
-            let data = self.rb_cache.get(block).expect("just loaded");
+            let data = self.refcounts.blocks.get(block).expect("just loaded");
             if let Some(i) = last_nonzero_entry(data, order) {
                 return Ok((ti * per_block + i + 1) * self.cluster_size());
             }
         }
         Ok(0)
+    }
+}
+
+impl Meta {
+    /// The caches' geometry: (L2 slice size, L2 slices, refcount block size, refcount
+    /// blocks), for the runtime options an image reports.
+    pub(crate) fn cache_geometry(&self) -> (u64, u64, u64, u64) {
+        let (l2, rb) = (&self.mapping.l2, &self.refcounts.blocks);
+        (
+            l2.entry_size() as u64,
+            l2.capacity() as u64,
+            rb.entry_size() as u64,
+            rb.capacity() as u64,
+        )
     }
 }
 

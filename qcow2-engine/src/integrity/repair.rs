@@ -6,38 +6,50 @@
 use qcow2_format::l2::BITMAP_ALL_ZEROES;
 use qcow2_format::{refcount, L2Entry};
 
-use crate::cache::TableCache;
-use crate::check::{CheckReport, Refs};
+use crate::changes::ChangeKind;
 use crate::error::{Error, Result};
-use crate::image::Image;
-use crate::meta::{Meta, MetaKind};
+use crate::image::{Image, State};
+use crate::integrity::check::{CheckReport, Refs};
+use crate::meta::{structure_size, Meta, MetaKind, NewTable};
 
 impl Image {
     pub(crate) fn repair_all(
         &self,
-        m: &mut Meta,
+        st: &mut State,
         rep: &mut CheckReport,
         counted: &Refs,
     ) -> Result<()> {
         let geo = self.geo;
+        let l2_coverage = geo.l2_coverage();
+        for &i in &counted.bad_l1 {
+            st.changes
+                .announce(i as u64 * l2_coverage, l2_coverage, ChangeKind::Repair);
+        }
+        for &(i, _, j) in &counted.bad_entries {
+            let guest = i as u64 * l2_coverage + ((j as u64) << geo.cluster_bits());
+            st.changes
+                .announce(guest, geo.cluster_size(), ChangeKind::Repair);
+        }
+        let m = &mut st.meta;
         // References that cannot be kept become zero clusters (or unallocated on v2).
         for &i in &counted.bad_l1 {
-            m.set_l1_entry(i, 0)?;
+            m.set_l1_entry(i, 0, false)?;
             rep.corruptions_fixed += 1;
             rep.messages.push(format!(
                 "Repairing L1 entry {i}: dropped (unusable L2 table)"
             ));
         }
-        for &(table, j) in &counted.bad_entries {
+        for &(i, table, j) in &counted.bad_entries {
             let zero = if geo.extended_l2() {
                 L2Entry::new(0, BITMAP_ALL_ZEROES)
-            } else if m.area.header.version >= 3 {
+            } else if m.header.version() >= 3 {
                 L2Entry::new(qcow2_format::l2::OFLAG_ZERO, 0)
             } else {
                 L2Entry::UNALLOCATED
             };
-            let slot = m.slot_at(table, j);
-            m.l2_set(slot, zero)?;
+            let slot = m.mapping.slot_at(table, j);
+            let guest = i as u64 * l2_coverage + ((j as u64) << geo.cluster_bits());
+            m.set_l2(slot, guest, zero)?;
             rep.corruptions_fixed += 1;
             rep.messages.push(format!(
                 "Repairing L2 entry {j} of table {table:#x}: made a zero cluster"
@@ -59,7 +71,8 @@ impl Image {
                 }
             }
         }
-        if m.reftable
+        if m.refcounts
+            .table()
             .iter()
             .any(|&e| refcount::reftable_entry(e, &geo).is_err())
         {
@@ -84,15 +97,7 @@ impl Image {
             .iter()
             .rposition(|&v| v > 0)
             .map_or(1, |i| i as u64 + 1);
-        let (mut rt, mut rb) = (1u64, 1u64);
-        loop {
-            let blocks = (end + rt + rb).div_ceil(per_block);
-            let table = (blocks * 8).div_ceil(cs).max(1);
-            if (blocks, table) == (rb, rt) {
-                break;
-            }
-            (rb, rt) = (blocks, table);
-        }
+        let (rt, rb) = structure_size(&geo, end);
         if rt > geo.max_reftable_clusters() {
             return Err(Error::TooLarge(
                 "the rebuilt refcount table exceeds 8 MiB".into(),
@@ -122,37 +127,41 @@ impl Image {
         for (b, t) in table.iter_mut().enumerate().take(rb as usize) {
             *t = blocks_off + b as u64 * cs;
         }
-        // Old refcount structures stop being metadata; the new ones start.
-        let stale: Vec<u64> = m
-            .meta_ranges
-            .iter()
-            .filter(|(_, (_, k))| matches!(k, MetaKind::RefcountBlock | MetaKind::RefcountTable))
-            .map(|(s, _)| *s)
-            .collect();
-        m.storage
-            .write_at(&blocks, blocks_off)
-            .map_err(Error::io("writing rebuilt refcount blocks"))?;
-        m.storage
-            .write_at(&qcow2_format::l1::encode_table(&table), table_off)
-            .map_err(Error::io("writing the rebuilt refcount table"))?;
-        m.sync()?;
-        m.update_header(|h| {
-            h.refcount_table_offset = table_off;
-            h.refcount_table_clusters = rt as u32;
-        })?;
-        m.sync()?;
-        for s in stale {
-            m.remove_meta(s);
+        // The old refcount structures stop being metadata (nothing counted them, so the
+        // new ones may lie where they were); the new blocks start.
+        for s in m
+            .regions
+            .starts_where(|k| matches!(k, MetaKind::RefcountBlock | MetaKind::RefcountTable))
+        {
+            m.regions.remove(s);
         }
-        m.add_meta(table_off, rt * cs, MetaKind::RefcountTable);
+        m.regions.add(blocks_off, rb * cs, MetaKind::RefcountBlock);
+        m.write_meta(
+            &blocks,
+            blocks_off,
+            MetaKind::RefcountBlock,
+            "rebuilt refcount blocks",
+        )?;
+        m.switch_table(
+            NewTable {
+                kind: MetaKind::RefcountTable,
+                off: table_off,
+                bytes: &qcow2_format::l1::encode_table(&table),
+                what: "rebuilt refcount table",
+            },
+            |h| {
+                h.refcount_table_offset = table_off;
+                h.refcount_table_clusters = rt as u32;
+            },
+        )?;
+        m.regions.remove(blocks_off);
         for b in 0..rb {
-            m.add_meta(blocks_off + b * cs, cs, MetaKind::RefcountBlock);
+            m.regions
+                .add(blocks_off + b * cs, cs, MetaKind::RefcountBlock);
         }
-        m.reftable = table;
-        let entries = m.rb_cache_capacity();
-        m.rb_cache = TableCache::new(cs as usize, entries);
-        m.free_hint = 0;
-        m.alloc_end = m.alloc_end.max((end + rt + rb) * cs);
+        m.refcounts.replace_table(table, true);
+        m.alloc.reset_hint();
+        m.alloc.extend_end((end + rt + rb) * cs);
         Ok(())
     }
 }

@@ -1,14 +1,17 @@
-//! Reading: resolve a guest range to extents under the metadata lock, then do the data I/O
-//! outside it, optimistically (retried if a cluster was freed meanwhile; pinned against
-//! reallocation after repeated races).
+//! Reading: resolve a guest range to extents, then do the data I/O without the metadata
+//! lock. A single-cluster read first tries the lock-free entry cache (no lock, no
+//! allocation); otherwise it resolves under the lock. Either way the data is read
+//! optimistically: accepted if no cluster was freed meanwhile, retried if one was, and
+//! pinned against reuse after repeated races.
 
-use qcow2_format::{ClusterKind, CompressedDescriptor, SubclusterKind};
+use std::sync::atomic::Ordering;
 
-use crate::compress::decompress_cluster;
-use crate::error::{invalid_arg, Error, Result};
+use qcow2_format::{ClusterKind, CompressedDescriptor, L2Entry, SubclusterKind};
+
+use crate::error::{invalid_arg, Result};
 use crate::image::Image;
-use crate::l2map::pieces;
 use crate::meta::Meta;
+use crate::request::pieces::pieces;
 
 /// Where a piece of guest data comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,31 +125,62 @@ impl Image {
         }
     }
 
-    /// Resolve `[guest, guest+len)` to extents (merged where contiguous).
+    /// Append the extents of `[pos, cl_end)` inside the cluster at `cl` mapped by `entry`.
+    fn push_cluster(
+        &self,
+        out: &mut Extents,
+        entry: L2Entry,
+        kind: ClusterKind,
+        cl: u64,
+        pos: u64,
+        cl_end: u64,
+    ) {
+        let geo = self.geo;
+        if !geo.extended_l2() {
+            let sk = entry.subcluster_kind(kind, &geo, 0);
+            out.push(cl_end - pos, self.src_of(sk, kind, pos - cl));
+            return;
+        }
+        for (start, end, sk) in pieces(geo, entry, kind, cl, pos, cl_end) {
+            out.push(end - start, self.src_of(sk, kind, start - cl));
+        }
+    }
+
+    /// Resolve `[guest, guest+len)` to extents (merged where contiguous), remembering the
+    /// entries for lock-free reads.
     pub(crate) fn resolve(&self, m: &mut Meta, guest: u64, len: u64) -> Result<Extents> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut out = Extents::new();
-        if len > 0 && !geo.extended_l2() && geo.align_down(guest) == geo.align_down(guest + len - 1)
-        {
-            // One cluster without subclusters: one source (the common cached read).
-            let (entry, kind, _) = m.l2_kind(guest)?;
-            let sk = entry.subcluster_kind(kind, &geo, 0);
-            out.push(len, self.src_of(sk, kind, guest - geo.align_down(guest)));
-            return Ok(out);
-        }
         let mut pos = guest;
         let end = guest + len;
         while pos < end {
             let cl = geo.align_down(pos);
             let cl_end = (cl + cs).min(end);
             let (entry, kind, _) = m.l2_kind(pos)?;
-            for (start, end, sk) in pieces(geo, entry, kind, cl, pos, cl_end) {
-                out.push(end - start, self.src_of(sk, kind, start - cl));
+            if !matches!(kind, ClusterKind::Compressed(_)) {
+                m.mapping.remember(pos, entry);
             }
+            self.push_cluster(&mut out, entry, kind, cl, pos, cl_end);
             pos = cl_end;
         }
         Ok(out)
+    }
+
+    /// Extents of a read inside one cluster from the lock-free entry cache, if it knows
+    /// the cluster.
+    #[inline]
+    fn resolve_fast(&self, guest: u64, len: u64) -> Option<Extents> {
+        let geo = self.geo;
+        let cl = geo.align_down(guest);
+        if geo.align_down(guest + len - 1) != cl {
+            return None;
+        }
+        let entry = self.fast.get(guest >> geo.cluster_bits())?;
+        let kind = entry.kind(&geo).ok()?;
+        let mut out = Extents::new();
+        self.push_cluster(&mut out, entry, kind, cl, guest, guest + len);
+        Some(out)
     }
 
     /// Carry out reads of resolved extents into `buf` (guest offset `guest`).
@@ -154,56 +188,36 @@ impl Image {
         let mut at = 0usize;
         for e in exts {
             let part = &mut buf[at..at + e.len as usize];
-            let g = guest + at as u64;
-            match e.src {
-                Src::Host(h) => self.storage.read_at(part, h).map_err(Error::io_lazy(|| {
-                    format!("reading data at host offset {h:#x}")
-                }))?,
-                Src::Zero => part.fill(0),
-                Src::Backing => match &self.backing {
-                    Some(b) => b.read_at(part, g)?,
-                    None => part.fill(0),
-                },
-                Src::Compressed(d, in_cl) => {
-                    let cluster = self.decompress(&d)?;
-                    part.copy_from_slice(&cluster[in_cl as usize..in_cl as usize + part.len()]);
-                }
-            }
+            self.read_src(e.src, part, guest + at as u64)?;
             at += e.len as usize;
         }
         Ok(())
     }
 
-    /// Read and decompress one compressed cluster.
-    pub(crate) fn decompress(&self, d: &CompressedDescriptor) -> Result<Vec<u8>> {
-        let cs = self.geo.cluster_size() as usize;
-        let (start, end) = d.host_range();
-        let mut input = vec![0u8; (end - start) as usize];
-        self.storage
-            .read_at(&mut input, start)
-            .map_err(Error::io_lazy(|| {
-                format!("reading compressed cluster at {start:#x}")
-            }))?;
-        let mut out = vec![0u8; cs];
-        decompress_cluster(self.compression, &input, &mut out)?;
-        Ok(out)
-    }
-
     /// Read guest bytes at `off`. Data I/O runs without the metadata lock.
     ///
-    /// Optimistic first: resolve under the lock, read without it, and accept the result if
-    /// no cluster was freed meanwhile (a freed cluster could have been reused, so the bytes
-    /// read might be someone else's). After a few such races, pin the clusters instead.
+    /// Optimistic: resolve (lock-free when the entry is cached, else under the lock), read
+    /// without the lock, and accept the result if no cluster was freed meanwhile (a freed
+    /// cluster could have been reused, so the bytes read might be someone else's). After a
+    /// few such races, pin the clusters instead.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        use std::sync::atomic::Ordering;
         self.check_range(off, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
+        let gen = self.free_gen.load(Ordering::Acquire);
+        if !self.failed.load(Ordering::Relaxed) {
+            if let Some(exts) = self.resolve_fast(off, buf.len() as u64) {
+                let r = self.read_extents(&exts, buf, off);
+                if self.free_gen.load(Ordering::Acquire) == gen {
+                    return r;
+                }
+            }
+        }
         for _ in 0..3 {
             let (exts, gen) = {
-                let mut m = self.lock();
-                let exts = self.resolve(&mut m, off, buf.len() as u64)?;
+                let mut st = self.lock()?;
+                let exts = self.resolve(&mut st.meta, off, buf.len() as u64)?;
                 (exts, self.free_gen.load(Ordering::Acquire))
             };
             let r = self.read_extents(&exts, buf, off);
@@ -219,19 +233,22 @@ impl Image {
         let pinned;
         let exts;
         {
-            let mut m = self.lock();
-            exts = self.resolve(&mut m, off, buf.len() as u64)?;
-            pinned = pin(&mut m, &exts);
+            let mut st = self.lock()?;
+            exts = self.resolve(&mut st.meta, off, buf.len() as u64)?;
+            pinned = host_clusters(&st.meta, &exts);
+            for &c in &pinned {
+                st.meta.alloc.pin(c);
+            }
         }
         let r = self.read_extents(&exts, buf, off);
-        let mut m = self.lock();
+        let mut st = self.lock()?;
         for c in pinned {
-            m.inflight_remove(c);
+            st.meta.alloc.unpin(c);
         }
         r
     }
 
-    /// Read with the metadata lock already held (copy-on-write sources).
+    /// Read with the metadata lock already held.
     pub(crate) fn read_locked(&self, m: &mut Meta, buf: &mut [u8], off: u64) -> Result<()> {
         let exts = self.resolve(m, off, buf.len() as u64)?;
         self.read_extents(&exts, buf, off)
@@ -250,8 +267,8 @@ impl Image {
     }
 }
 
-/// Pin the host clusters the extents touch; returns them for unpinning.
-pub(crate) fn pin(m: &mut Meta, exts: &[Extent]) -> Vec<u64> {
+/// The host clusters extents touch (to pin them).
+pub(crate) fn host_clusters(m: &Meta, exts: &[Extent]) -> Vec<u64> {
     let bits = m.geo.cluster_bits();
     let mut v = Vec::new();
     for e in exts {
@@ -263,9 +280,6 @@ pub(crate) fn pin(m: &mut Meta, exts: &[Extent]) -> Vec<u64> {
             }
             _ => {}
         }
-    }
-    for &c in &v {
-        m.inflight_add(c);
     }
     v
 }
