@@ -353,7 +353,8 @@ typedef struct qcowprov_info {
      * Every runtime option in force, NUL-terminated, as `key=value,...` that
      * `qcowprov_open` accepts: the policy, `detect-zeroes`, `pass-discard-snapshot`,
      * `pass-discard-other`, `read-only`, `cache.direct`, `locking` (`on` when locks are
-     * held), `force-share` and the effective cache sizes. Since version 2.
+     * held), `force-share`, the effective cache sizes and `quarantine-slack`. Since
+     * version 2.
      */
     char options[512];
 } qcowprov_info;
@@ -489,7 +490,8 @@ int qcowprov_create(const char *path, const char *options, uint64_t size);
  * (`provision=off|full|metadata|thin|reuse`, or QEMU's `discard=ignore|unmap`,
  * `discard-no-unref`, `pass-discard-request|snapshot|other`), `detect-zeroes=off|on|unmap`,
  * `read-only`, `cache.direct`, `l2-cache-size`, `l2-cache-entry-size`,
- * `refcount-cache-size`, `locking=on|off|auto` (alias `file.locking`), `force-share`.
+ * `refcount-cache-size`, `quarantine-slack`, `locking=on|off|auto` (alias `file.locking`),
+ * `force-share`.
  * NULL or "" means the defaults (`provision=metadata` on version 3 images,
  * `provision=thin` on version 2, `locking=auto`). `flags` is a combination of the
  * `QCOWPROV_OPEN_*` flags (or 0).

@@ -114,7 +114,8 @@ pub unsafe extern "C" fn qcowprov_create(
 /// (`provision=off|full|metadata|thin|reuse`, or QEMU's `discard=ignore|unmap`,
 /// `discard-no-unref`, `pass-discard-request|snapshot|other`), `detect-zeroes=off|on|unmap`,
 /// `read-only`, `cache.direct`, `l2-cache-size`, `l2-cache-entry-size`,
-/// `refcount-cache-size`, `locking=on|off|auto` (alias `file.locking`), `force-share`.
+/// `refcount-cache-size`, `quarantine-slack`, `locking=on|off|auto` (alias `file.locking`),
+/// `force-share`.
 /// NULL or "" means the defaults (`provision=metadata` on version 3 images,
 /// `provision=thin` on version 2, `locking=auto`). `flags` is a combination of the
 /// `QCOWPROV_OPEN_*` flags (or 0).

@@ -109,7 +109,8 @@ pub struct QcowprovInfo {
     /// Every runtime option in force, NUL-terminated, as `key=value,...` that
     /// `qcowprov_open` accepts: the policy, `detect-zeroes`, `pass-discard-snapshot`,
     /// `pass-discard-other`, `read-only`, `cache.direct`, `locking` (`on` when locks are
-    /// held), `force-share` and the effective cache sizes. Since version 2.
+    /// held), `force-share`, the effective cache sizes and `quarantine-slack`. Since
+    /// version 2.
     pub options: [c_char; 512],
 }
 

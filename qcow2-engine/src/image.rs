@@ -136,8 +136,8 @@ pub struct ImageInfo {
     pub detect_zeroes: crate::provision::policy::DetectZeroes,
     /// Every runtime option in force, as `key=value,...` that [`OpenOptions::parse`]
     /// accepts: the discard policy, `detect-zeroes`, `pass-discard-snapshot|other`,
-    /// `read-only`, `cache.direct`, `locking` (`on` when locks are held), `force-share`
-    /// and the effective cache sizes.
+    /// `read-only`, `cache.direct`, `locking` (`on` when locks are held), `force-share`,
+    /// the effective cache sizes and `quarantine-slack`.
     pub options: String,
     /// Whether QEMU's image locks are held on the image file.
     pub locked: bool,
@@ -470,7 +470,7 @@ impl Image {
         let (l2_entry, l2_entries, rb_entry, rb_entries) = st.meta.cache_geometry();
         format!(
             "{},read-only={},cache.direct={},locking={},force-share={},l2-cache-size={},\
-             l2-cache-entry-size={},refcount-cache-size={}",
+             l2-cache-entry-size={},refcount-cache-size={},quarantine-slack={}",
             st.policy.describe_all(),
             on(self.read_only),
             on(self.opts.direct),
@@ -479,6 +479,7 @@ impl Image {
             format_size(l2_entry * l2_entries),
             format_size(l2_entry),
             format_size(rb_entry * rb_entries),
+            format_size(self.quarantine_slack.unwrap_or(self.virtual_size() / 16)),
         )
     }
 

@@ -214,7 +214,7 @@ fn runtime_options_reopen_the_same_way() {
         o,
         "provision=metadata,detect-zeroes=on,pass-discard-snapshot=on,pass-discard-other=on,\
          read-only=on,cache.direct=off,locking=on,force-share=off,l2-cache-size=1M,\
-         l2-cache-entry-size=64k,refcount-cache-size=256k"
+         l2-cache-entry-size=64k,refcount-cache-size=256k,quarantine-slack=64M"
     );
     drop(img);
     let again = Image::open(&p, &opts(&o)).unwrap();
