@@ -271,7 +271,7 @@ int main(int argc, char **argv)
         uint32_t flags = (b.is_write ? 0 : QCOWPROV_OPEN_RDONLY) | (direct ? QCOWPROV_OPEN_DIRECT : 0);
         r = qcowprov_open(file, NULL, flags, &b.img);
         if (r < 0) {
-            fprintf(stderr, "%s: Could not open '%s': %s\n", prog, file, lib_error(r));
+            fprintf(stderr, "%s: %s\n", prog, lib_error(r));
             return 1;
         }
         memset(&info, 0, sizeof info);

@@ -2,13 +2,16 @@
  * qcowprov-img: qemu-img's create, info, check and map over the libqcowprov C API.
  *
  *   qcowprov-img create [-q] [-f qcow2] [-o OPTS] [-b BACKING -F FMT] FILE [SIZE]
- *   qcowprov-img info  [--output=human|json] FILE
- *   qcowprov-img check [-q] [-r leaks|all] [--output=human|json] FILE
- *   qcowprov-img map   [--output=human|json] FILE
+ *   qcowprov-img info  [-U] [--output=human|json] FILE
+ *   qcowprov-img check [-q] [-U] [-r leaks|all] [--output=human|json] FILE
+ *   qcowprov-img map   [-U] [--output=human|json] FILE
  *
  * Output follows qemu-img: `map --output=json` and `check --output=json` are
  * byte-for-byte qemu-img's; check exits 0 clean, 2 corruptions, 3 leaks only,
- * 1 when the check itself fails.
+ * 1 when the check itself fails. Opens take QEMU's image locks; -U (force-share)
+ * looks at an image another program writes, as qemu-img -U. create refuses an
+ * existing regular file and formats an existing block device (qcowprov_format:
+ * refused while the device is in use).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -37,9 +40,10 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: %s create [-q] [-f qcow2] [-o OPTS] [-b BACKING -F FMT] FILE [SIZE]\n"
-            "       %s info [--output=human|json] FILE\n"
-            "       %s check [-q] [-r leaks|all] [--output=human|json] FILE\n"
-            "       %s map [--output=human|json] FILE\n",
+            "       %s info [-U] [--output=human|json] FILE\n"
+            "       %s check [-q] [-U] [-r leaks|all] [--output=human|json] FILE\n"
+            "       %s map [-U] [--output=human|json] FILE\n"
+            "  -U  force shared permissions: read an image another program has open for writing\n",
             prog, prog, prog, prog);
 }
 
@@ -61,15 +65,20 @@ static int parse_output(const char *v, int *fmt)
 static const struct option long_opts[] = {
     { "output", required_argument, NULL, 'O' },
     { "help", no_argument, NULL, 'h' },
+    { "force-share", no_argument, NULL, 'U' },
     { NULL, 0, NULL, 0 },
 };
 
+/* QCOWPROV_OPEN_FORCE_SHARE when -U was given. */
+static uint32_t share_flag;
+
 static int open_image(const char *path, uint32_t flags, qcowprov_image **img)
 {
-    int r = qcowprov_open(path, NULL, flags, img);
+    int r = qcowprov_open(path, NULL, flags | share_flag, img);
 
+    /* The library's message names the image (once). */
     if (r < 0)
-        fprintf(stderr, "%s: Could not open '%s': %s\n", prog, path, lib_error(r));
+        fprintf(stderr, "%s: %s\n", prog, lib_error(r));
     return r;
 }
 
@@ -189,10 +198,22 @@ static int cmd_create(int argc, char **argv)
         free(all);
         return 1;
     }
-    r = qcowprov_create(file, all, size);
+    {
+        /* qemu-img formats an existing block device; a regular file must be new. */
+        struct stat st;
+        if (stat(file, &st) == 0 && S_ISBLK(st.st_mode))
+            r = qcowprov_format(file, all, size);
+        else
+            r = qcowprov_create(file, all, size);
+    }
     free(all);
     if (r < 0) {
-        fprintf(stderr, "%s: %s: %s\n", prog, file, lib_error(r));
+        const char *m = lib_error(r);
+        /* qemu-img's "FILE: message", naming the file once. */
+        if (strstr(m, file))
+            fprintf(stderr, "%s: %s\n", prog, m);
+        else
+            fprintf(stderr, "%s: %s: %s\n", prog, file, m);
         return 1;
     }
     if (quiet)
@@ -263,8 +284,9 @@ static int cmd_info(int argc, char **argv)
     char *full = NULL;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "+h", long_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+Uh", long_opts, NULL)) != -1) {
         switch (c) {
+        case 'U': share_flag = QCOWPROV_OPEN_FORCE_SHARE; break;
         case 'O':
             if (parse_output(optarg, &fmt) < 0)
                 return 1;
@@ -458,9 +480,10 @@ static int cmd_check(int argc, char **argv)
     struct qcowprov_check_result res;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "+qr:f:h", long_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+qr:f:Uh", long_opts, NULL)) != -1) {
         switch (c) {
         case 'q': quiet = 1; break;
+        case 'U': share_flag = QCOWPROV_OPEN_FORCE_SHARE; break;
         case 'f':
             if (strcmp(optarg, "qcow2") != 0) {
                 fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, optarg);
@@ -568,7 +591,7 @@ static void chain_build(struct chain *ch, const char *file)
         const char *cur = ch->names[ch->n - 1];
         int r;
 
-        if (qcowprov_open(cur, NULL, QCOWPROV_OPEN_RDONLY | QCOWPROV_OPEN_NO_BACKING, &img) < 0)
+        if (qcowprov_open(cur, NULL, QCOWPROV_OPEN_RDONLY | QCOWPROV_OPEN_NO_BACKING | share_flag, &img) < 0)
             break;
         memset(&info, 0, sizeof info);
         info.struct_size = sizeof info;
@@ -633,8 +656,9 @@ static int cmd_map(int argc, char **argv)
     uint64_t off;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "+f:h", long_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+f:Uh", long_opts, NULL)) != -1) {
         switch (c) {
+        case 'U': share_flag = QCOWPROV_OPEN_FORCE_SHARE; break;
         case 'f':
             if (strcmp(optarg, "qcow2") != 0) {
                 fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, optarg);

@@ -1,7 +1,7 @@
 /*
  * qcowprov-io: a qemu-io work-alike over the libqcowprov C API.
  *
- *   qcowprov-io [-o OPTIONS] [-r] [-c COMMAND]... IMAGE
+ *   qcowprov-io [-o OPTIONS] [-r] [-U] [-c COMMAND]... IMAGE
  *
  * Commands (from -c, or one per line on stdin when no -c is given):
  *   read    [-q] [-P PATTERN] OFF LEN
@@ -12,10 +12,12 @@
  *   map                                         (qemu-io's map: top-layer allocation)
  *   info                                        (qemu-io's info)
  *   policy                                      (the effective discard policy)
+ *   highest                                     (the highest allocated host offset)
  *   quit
  * OFF and LEN take qemu's suffixes (k, M, G, T; 0x hex). The exit status is 1
  * if the image cannot be opened or any command fails; the library's message goes
- * to stderr.
+ * to stderr. As qemu-io, the open takes QEMU's image locks (refused while another
+ * program writes the image); -U (force-share, with -r) looks at it anyway.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -36,12 +38,14 @@ struct io_ctx {
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: %s [-o OPTIONS] [-r] [-c COMMAND]... IMAGE\n"
+            "usage: %s [-o OPTIONS] [-r] [-U] [-c COMMAND]... IMAGE\n"
             "  -o OPTIONS  runtime options, e.g. \"discard=unmap,discard-no-unref=on\" or \"provision=thin\"\n"
             "  -r          open read-only\n"
+            "  -U          force shared permissions (with -r: look at an image another program writes)\n"
             "  -c COMMAND  run COMMAND (repeatable); without -c, commands are read from stdin\n"
             "commands: read [-q] [-P PAT] OFF LEN | write [-q] [-f] [-P PAT] OFF LEN |\n"
-            "          write [-q] -z [-u] OFF LEN | discard [-q] OFF LEN | flush | map | info | policy | quit\n",
+            "          write [-q] -z [-u] OFF LEN | discard [-q] OFF LEN | flush | map | info | policy |\n"
+            "          highest | quit\n",
             prog);
 }
 
@@ -403,6 +407,23 @@ static int cmd_policy(struct io_ctx *ctx, int argc, char **argv)
     return 0;
 }
 
+/* The highest allocated host offset (what a stack growing the volume watches). */
+static int cmd_highest(struct io_ctx *ctx, int argc, char **argv)
+{
+    uint64_t end = 0;
+    int r;
+
+    if (no_args(argc, argv) < 0)
+        return -1;
+    r = qcowprov_highest_offset(ctx->img, &end);
+    if (r < 0) {
+        fprintf(stderr, "highest failed: %s\n", lib_error(r));
+        return -1;
+    }
+    printf("highest offset: %" PRIu64 "\n", end);
+    return 0;
+}
+
 #define MAX_ARGS 64
 
 /* Runs one command line. Returns 0, -1 on failure, 1 on quit. */
@@ -439,6 +460,8 @@ static int run_command(struct io_ctx *ctx, const char *line)
         ret = cmd_info(ctx, argc, argv);
     } else if (!strcmp(argv[0], "policy")) {
         ret = cmd_policy(ctx, argc, argv);
+    } else if (!strcmp(argv[0], "highest")) {
+        ret = cmd_highest(ctx, argc, argv);
     } else if (!strcmp(argv[0], "quit") || !strcmp(argv[0], "q")) {
         ret = 1;
     } else {
@@ -461,10 +484,11 @@ int main(int argc, char **argv)
     cmds = calloc((size_t)argc, sizeof *cmds);
     if (cmds == NULL)
         return 1;
-    while ((c = getopt(argc, argv, "+o:rc:h")) != -1) {
+    while ((c = getopt(argc, argv, "+o:rUc:h")) != -1) {
         switch (c) {
         case 'o': options = optarg; break;
         case 'r': flags |= QCOWPROV_OPEN_RDONLY; break;
+        case 'U': flags |= QCOWPROV_OPEN_FORCE_SHARE; break;
         case 'c': cmds[ncmds++] = optarg; break;
         case 'h': usage(stdout); free(cmds); return 0;
         default: usage(stderr); free(cmds); return 1;
@@ -478,7 +502,8 @@ int main(int argc, char **argv)
     }
     r = qcowprov_open(argv[optind], options, flags, &ctx.img);
     if (r < 0) {
-        fprintf(stderr, "%s: can't open %s: %s\n", prog, argv[optind], lib_error(r));
+        /* The library's message names the image (once). */
+        fprintf(stderr, "%s: %s\n", prog, lib_error(r));
         free(cmds);
         return 1;
     }
@@ -507,6 +532,8 @@ int main(int argc, char **argv)
         size_t cap = 0;
         while (getline(&line, &cap, stdin) != -1) {
             r = run_command(&ctx, line);
+            /* Answer each command at once, as qemu-io does (a driver may wait for it). */
+            fflush(stdout);
             if (r < 0)
                 failed = 1;
             else if (r > 0)

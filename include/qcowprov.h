@@ -13,6 +13,15 @@
  *  - Structs passed by pointer start with struct_size, which the caller sets to
  *    sizeof the struct before the call.
  *  - A qcowprov_image handle may be used from several threads at once.
+ *  - Handles: every call checks the handle's tag, so a closed handle (a
+ *    second qcowprov_close too) or a pointer that is not a handle gives
+ *    -EBADF with a message, never a crash or a misleading error. The 16 bytes
+ *    behind a handle stay allocated after qcowprov_close and are reused only
+ *    after 65536 further closes, so that check is sound for at least that
+ *    long. A call racing with qcowprov_close of the same handle is a bug.
+ *  - Image locks: opens take QEMU's image locks (as QEMU 2.10+ does), so
+ *    this library, QEMU and its tools never write one image at once; an
+ *    image in use gives -EBUSY. See qcowprov_open.
  */
 
 #ifndef QCOWPROV_H
@@ -46,6 +55,13 @@
  * `-EIO`, and a repair that leaves no corruption clears the bit.
  */
 #define QCOWPROV_OPEN_CHECK 8
+
+/**
+ * Share the image with writers (QEMU's `force-share=on`, `qemu-img -U`): a read-only
+ * open that neither blocks nor is blocked by a writer's lock; what it reads may change
+ * or be inconsistent under it. Only with `QCOWPROV_OPEN_RDONLY`.
+ */
+#define QCOWPROV_OPEN_FORCE_SHARE 16
 
 /**
  * `qcowprov_pwrite` / `qcowprov_pwritev` flag: the data and the metadata that reaches it
@@ -124,6 +140,17 @@
 #define QCOWPROV_INFO_COMPRESSION_ZSTD 16
 
 /**
+ * `qcowprov_info.flags`: QEMU's image locks are held on the image file (not with
+ * `locking=off`).
+ */
+#define QCOWPROV_INFO_LOCKED 32
+
+/**
+ * `qcowprov_info.flags`: opened with force-share (`QCOWPROV_OPEN_FORCE_SHARE`).
+ */
+#define QCOWPROV_INFO_FORCE_SHARE 64
+
+/**
  * `qcowprov_check` fix flag: repair leaked clusters (qemu-img check `-r leaks`).
  */
 #define QCOWPROV_CHECK_FIX_LEAKS 1
@@ -178,8 +205,37 @@ typedef uint32_t qcowprov_provision;
 #endif // __cplusplus
 
 /**
- * An open qcow2 image (opaque). Obtained from `qcowprov_open`, released with
- * `qcowprov_close`. One handle may be used from several threads at once.
+ * `detect-zeroes` in force, as `qcowprov_info.detect_zeroes` reports it.
+ */
+enum qcowprov_detect_zeroes
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * All-zero writes are written as data.
+     */
+    QCOWPROV_DETECT_ZEROES_OFF = 0,
+    /**
+     * All-zero writes become write-zeroes.
+     */
+    QCOWPROV_DETECT_ZEROES_ON = 1,
+    /**
+     * All-zero writes become write-zeroes that may unmap.
+     */
+    QCOWPROV_DETECT_ZEROES_UNMAP = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum qcowprov_detect_zeroes qcowprov_detect_zeroes;
+#else
+typedef uint32_t qcowprov_detect_zeroes;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * An open qcow2 image (opaque). Obtained from `qcowprov_open` (or `qcowprov_open_fd`),
+ * released with `qcowprov_close`. One handle may be used from several threads at once.
  */
 typedef struct qcowprov_image qcowprov_image;
 
@@ -291,6 +347,23 @@ typedef struct qcowprov_info {
      * The backing file format as stored in the image, NUL-terminated; "" if not named.
      */
     char backing_format[32];
+    /**
+     * `detect-zeroes` in force, a `qcowprov_detect_zeroes` value
+     * (`QCOWPROV_DETECT_ZEROES_*`). Since version 2 of the struct (`struct_size` >= 1792).
+     */
+    uint32_t detect_zeroes;
+    /**
+     * Reserved, 0.
+     */
+    uint32_t reserved;
+    /**
+     * Every runtime option in force, NUL-terminated, as `key=value,...` that
+     * `qcowprov_open` accepts: the policy, `detect-zeroes`, `pass-discard-snapshot`,
+     * `pass-discard-other`, `read-only`, `cache.direct`, `locking` (`on` when locks are
+     * held), `force-share`, the effective cache sizes and `quarantine-slack`. Since
+     * version 2.
+     */
+    char options[512];
 } qcowprov_info;
 
 /**
@@ -456,7 +529,8 @@ const char *qcowprov_version(void);
  * Thread-safety: thread-safe.
  *
  * Returns 0 on success; on failure no file is left behind. Errors: `-EEXIST` if `path`
- * exists (a block device too: this function only creates new files); `-EINVAL` for
+ * exists (a block device too: this function only creates new files; see
+ * `qcowprov_format` for existing ones); `-EINVAL` for
  * NULL `path`, an unknown option (the message names it) or an invalid combination;
  * `-EFBIG` for a size beyond the format's limits; other negative errnos from the file
  * system (`-ENOENT`, `-EACCES`, `-ENOSPC`, ...). See `qcowprov_last_error`.
@@ -474,17 +548,31 @@ int qcowprov_create(const char *path, const char *options, uint64_t size);
  * (`provision=off|full|metadata|thin|reuse`, or QEMU's `discard=ignore|unmap`,
  * `discard-no-unref`, `pass-discard-request|snapshot|other`), `detect-zeroes=off|on|unmap`,
  * `read-only`, `cache.direct`, `l2-cache-size`, `l2-cache-entry-size`,
- * `refcount-cache-size`. NULL or "" means the defaults (`provision=metadata` on version 3
- * images, `provision=thin` on version 2). `flags` is a combination of the
+ * `refcount-cache-size`, `quarantine-slack`, `locking=on|off|auto` (alias `file.locking`),
+ * `force-share`.
+ * NULL or "" means the defaults (`provision=metadata` on version 3 images,
+ * `provision=thin` on version 2, `locking=auto`). `flags` is a combination of the
  * `QCOWPROV_OPEN_*` flags (or 0).
+ *
+ * Image locks: the open takes QEMU's image locks (byte-range locks on the open file
+ * description, the same bytes QEMU 2.10 and later take), so that this library and QEMU's
+ * tools exclude each other: a read/write open is refused while anyone else (another
+ * process, or another handle in this process) has the image or one of its backing files
+ * open for writing, or has the image open at all; a read-only open is refused while
+ * someone writes it. Backing files are locked as read-only opens. `force-share=on`
+ * (or `QCOWPROV_OPEN_FORCE_SHARE`) with a read-only open shares everything; `locking=off`
+ * neither takes nor tests locks. The locks go with the handle (and with the process).
  *
  * Thread-safety: thread-safe. The handle may then be used from any number of threads.
  *
  * Returns 0 on success, with `*out` set; close the handle with `qcowprov_close`. On
- * failure `*out` is not touched. Errors: `-EINVAL` for NULL `path` or `out`, unknown flag
- * bits, an unknown option (the message names it), conflicting options (e.g. `provision`
- * with `discard`) or an invalid image; `-ENOTSUP` for image features this library does
- * not implement; `-ENOENT`, `-EACCES`, `-EISDIR`, ... from opening the file.
+ * failure `*out` is not touched. Errors: `-EBUSY` when the image or a backing file is in
+ * use (the message names the image, the permission that conflicts, as QEMU's "Failed to
+ * get "write" lock", and force-share for a read-only look); `-EINVAL` for NULL `path` or
+ * `out`, unknown flag bits, an unknown option (the message names it), conflicting options
+ * (e.g. `provision` with `discard`, or force-share on a read/write open) or an invalid
+ * image; `-ENOTSUP` for image features this library does not implement; `-ENOENT`,
+ * `-EACCES`, `-EISDIR`, ... from opening the file.
  *
  * # Safety
  * `path` must be a NUL-terminated string, `options` NULL or a NUL-terminated string,
@@ -496,15 +584,85 @@ int qcowprov_open(const char *path,
                   struct qcowprov_image **out);
 
 /**
- * Flushes and closes an image, freeing the handle.
+ * Opens the qcow2 image on a file descriptor the caller already has (management stacks
+ * pass descriptors, e.g. over a UNIX socket), and stores a new handle in `*out`.
+ *
+ * The library uses a duplicate of `fd` (`F_DUPFD_CLOEXEC`): the caller keeps `fd` and may
+ * close it right after the call. The duplicate shares `fd`'s open file description, so:
+ * its access mode must allow the open (`O_RDWR`, or `O_RDONLY` with a read-only open;
+ * else `-EBADF`); it must not have `O_APPEND` (`-EINVAL`); `O_DIRECT` is taken from it
+ * (`QCOWPROV_OPEN_DIRECT` or `cache.direct=on` without `O_DIRECT` on `fd` is `-EINVAL`;
+ * the library never changes the shared status flags). Image locks are taken as by
+ * `qcowprov_open`, on that description: they exclude other opens of the file, but not a
+ * second handle opened on a duplicate of the same description, and they are released at
+ * `qcowprov_close` although the description lives on in the caller's `fd`. Do not take
+ * byte-range locks on bytes 100-103 or 200-203 through that description yourself.
+ * Relative backing file names resolve against the directory of the file `fd` refers to
+ * (`/proc/self/fd`). `options` and `flags` are as for `qcowprov_open`.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 on success, with `*out` set. On failure `*out` is not touched and `fd` is
+ * unchanged. Errors: as `qcowprov_open`, and `-EBADF` for a negative or closed `fd`.
+ *
+ * # Safety
+ * `options` must be NULL or a NUL-terminated string, `out` NULL or a valid pointer to a
+ * `qcowprov_image *`.
+ */
+int qcowprov_open_fd(int fd, const char *options, uint32_t flags, struct qcowprov_image **out);
+
+/**
+ * Formats `path`, a new or existing regular file or block device, as a new qcow2 image
+ * (`qemu-img create` on an existing target, e.g. an LVM logical volume).
+ *
+ * A missing file is created; an existing regular file is truncated first; a block device
+ * keeps its size and is written from its start (the image may later need more space than
+ * the device has: watch `qcowprov_highest_offset` and grow the volume). QEMU's creation
+ * lock is taken before anything is written or truncated, so an image in use (by QEMU or
+ * by this library, in any process) is refused with `-EBUSY` and left intact. `options`
+ * and `size` are as for `qcowprov_create`.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 on success. Errors: as `qcowprov_create` (without `-EEXIST`), and `-EBUSY`
+ * for an image in use. A failure after truncation leaves the file truncated or partly
+ * written (not a valid image).
+ *
+ * # Safety
+ * `path` must be a NUL-terminated string; `options` NULL or a NUL-terminated string.
+ */
+int qcowprov_format(const char *path, const char *options, uint64_t size);
+
+/**
+ * Formats the file or block device behind the caller's descriptor `fd` as a new qcow2
+ * image: `qcowprov_format` for stacks that pass descriptors. `fd` must be open `O_RDWR`
+ * without `O_APPEND`; the library works on a duplicate (the caller keeps `fd`), takes
+ * the creation lock on its open file description for the duration of the call, and
+ * truncates a regular file. Relative backing file names resolve against the directory
+ * of the file `fd` refers to.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 on success. Errors: as `qcowprov_format`, and `-EBADF` for a negative,
+ * closed or read-only `fd`.
+ *
+ * # Safety
+ * `options` must be NULL or a NUL-terminated string.
+ */
+int qcowprov_format_fd(int fd, const char *options, uint64_t size);
+
+/**
+ * Flushes and closes an image, releasing its locks and freeing the handle.
  *
  * Thread-safety: no other call may use `img` during or after this call.
  *
- * Returns 0 on success. The handle is freed even when the final flush fails; the flush
- * error is returned (e.g. `-EIO`, `-ENOSPC`). NULL `img` gives `-EINVAL`.
+ * Returns 0 on success. The handle is closed even when the final flush fails; the flush
+ * error is returned (e.g. `-EIO`, `-ENOSPC`). NULL `img` gives `-EINVAL`; a handle closed
+ * before (a double close) or a pointer that is not a handle gives `-EBADF`, and so does
+ * any other call with such a handle (see "Handles" in the header's introduction).
  *
  * # Safety
- * `img` must be NULL or a handle from `qcowprov_open` that has not been closed.
+ * `img` must be NULL or a handle from `qcowprov_open` (closed or not).
  */
 int qcowprov_close(struct qcowprov_image *img);
 
@@ -517,7 +675,7 @@ int qcowprov_close(struct qcowprov_image *img);
  * the host.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`.
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`).
  */
 int qcowprov_flush(struct qcowprov_image *img);
 
@@ -531,17 +689,21 @@ int qcowprov_flush(struct qcowprov_image *img);
  * the format's limits; `-EROFS` on a read-only image; host errors.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`.
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`).
  */
 int qcowprov_resize(struct qcowprov_image *img, uint64_t new_size);
 
 /**
- * Replaces the discard / write-zeroes options of an open image, like QEMU's reopen.
+ * Changes the discard / write-zeroes options of an open image, like QEMU's reopen.
  *
  * `options` holds only policy keys (`provision`, `discard`, `discard-no-unref`,
- * `pass-discard-request|snapshot|other`, `detect-zeroes`); keys not given take their
- * defaults, so "" restores the default policy. Host discards still pending under the old
- * policy are issued first.
+ * `pass-discard-request|snapshot|other`, `detect-zeroes`). The keys given replace their
+ * values; every other key keeps its current value (so "" changes nothing, and
+ * `detect-zeroes=on` leaves the provisioning mode alone). `provision` and QEMU's
+ * `discard`, `pass-discard-request` and `discard-no-unref` set the same two layers:
+ * giving one family drops the other's keys (giving both in one call is `-EINVAL`).
+ * `qcowprov_get_info` reports the result in `options`. Host discards still pending under
+ * the old policy are issued first.
  *
  * Thread-safety: thread-safe; calls in flight on other threads see either policy.
  *
@@ -550,10 +712,11 @@ int qcowprov_resize(struct qcowprov_image *img, uint64_t new_size);
  * issuing pending discards.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`; `options` NULL or a
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `options` NULL or a
  * NUL-terminated string.
  */
-int qcowprov_set_options(struct qcowprov_image *img, const char *options);
+int qcowprov_set_options(struct qcowprov_image *img,
+                         const char *options);
 
 /**
  * Reads `len` bytes of guest data at `offset` into `buf`.
@@ -565,10 +728,13 @@ int qcowprov_set_options(struct qcowprov_image *img, const char *options);
  * range beyond the virtual size; `-EIO` for a corrupt image or host failure.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`; `buf` NULL or valid for
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `buf` NULL or valid for
  * writes of `len` bytes, not accessed by anyone else during the call.
  */
-int64_t qcowprov_pread(struct qcowprov_image *img, void *buf, size_t len, uint64_t offset);
+int64_t qcowprov_pread(struct qcowprov_image *img,
+                       void *buf,
+                       size_t len,
+                       uint64_t offset);
 
 /**
  * Writes `len` bytes from `buf` at guest `offset`. `flags`: 0 or `QCOWPROV_WRITE_FUA`.
@@ -581,7 +747,7 @@ int64_t qcowprov_pread(struct qcowprov_image *img, void *buf, size_t len, uint64
  * image file would exceed the format's limits.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`; `buf` NULL or valid for
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `buf` NULL or valid for
  * reads of `len` bytes, not modified during the call.
  */
 int64_t qcowprov_pwrite(struct qcowprov_image *img,
@@ -601,7 +767,7 @@ int64_t qcowprov_pwrite(struct qcowprov_image *img,
  * virtual size; `-EIO` for a corrupt image or host failure.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`; `iov` NULL or an array of
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `iov` NULL or an array of
  * `iovcnt` entries, each (unless `iov_len` is 0) valid for writes of `iov_len` bytes,
  * not overlapping each other and not accessed by anyone else during the call.
  */
@@ -621,7 +787,7 @@ int64_t qcowprov_preadv(struct qcowprov_image *img,
  * `iov_len` or a total beyond INT64_MAX.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`; `iov` NULL or an array of
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `iov` NULL or an array of
  * `iovcnt` entries, each (unless `iov_len` is 0) valid for reads of `iov_len` bytes and
  * not modified during the call.
  */
@@ -645,7 +811,7 @@ int64_t qcowprov_pwritev(struct qcowprov_image *img,
  * file; host errors.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`.
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`).
  */
 int qcowprov_discard(struct qcowprov_image *img, uint64_t offset, uint64_t len);
 
@@ -663,7 +829,7 @@ int qcowprov_discard(struct qcowprov_image *img, uint64_t offset, uint64_t len);
  * file); `-ENOSPC`, `-EIO`, ... from the host.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`.
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`).
  */
 int qcowprov_write_zeroes(struct qcowprov_image *img,
                           uint64_t offset,
@@ -684,7 +850,7 @@ int qcowprov_write_zeroes(struct qcowprov_image *img,
  * a corrupt image or host failure.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`; `pnum`, `flags` and
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `pnum`, `flags` and
  * `host_offset` NULL or valid for writes.
  */
 int qcowprov_block_status(struct qcowprov_image *img,
@@ -707,7 +873,7 @@ int qcowprov_block_status(struct qcowprov_image *img,
  * corrupt image or host failure.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`; `st` NULL or valid for reads
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `st` NULL or valid for reads
  * and writes of `st->struct_size` bytes.
  */
 int qcowprov_block_status_depth(struct qcowprov_image *img,
@@ -717,20 +883,45 @@ int qcowprov_block_status_depth(struct qcowprov_image *img,
 
 /**
  * Fills `*info` with what the image reports about itself: version, sizes, features,
- * snapshots, the effective discard policy and the backing file. The caller sets
- * `info->struct_size = sizeof(struct qcowprov_info)` first.
+ * snapshots, the effective discard policy, every runtime option in force, and the
+ * backing file. The caller sets `info->struct_size = sizeof(struct qcowprov_info)` first;
+ * a caller built against an older, smaller version of the struct gets that part filled.
  *
  * Thread-safety: thread-safe.
  *
- * Returns 0 on success; `*info` is written only then (all fields but `struct_size`).
- * Errors: `-EINVAL` for NULL `img` or `info`, or `info->struct_size` smaller than the
- * first version of the struct; `-ERANGE` if a name does not fit its field.
+ * Returns 0 on success; `*info` is written only then (the first `struct_size` bytes,
+ * all fields but `struct_size`). Errors: `-EINVAL` for NULL `img` or `info`, or
+ * `info->struct_size` smaller than the first version of the struct; `-EBADF` for a
+ * closed handle; `-ERANGE` if a name does not fit its field.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`; `info` NULL or valid for
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `info` NULL or valid for
  * reads and writes of `info->struct_size` bytes.
  */
-int qcowprov_get_info(struct qcowprov_image *img, struct qcowprov_info *info);
+int qcowprov_get_info(struct qcowprov_image *img,
+                      struct qcowprov_info *info);
+
+/**
+ * Stores in `*end` the offset just past the highest host cluster the image uses: the
+ * size its file or volume must have. A stack that keeps qcow2 images on volumes it grows
+ * (LVM) polls this to extend the volume in time, as QEMU users poll
+ * `wr_highest_offset`; unlike that it is exact from the open on, covers allocations
+ * whose data is still being written, and goes down when the top clusters are freed (once
+ * the next `qcowprov_flush` has made their release safe: until then they count). On an
+ * image without leaks it equals `qemu-img check`'s "Image end offset".
+ *
+ * Cost: no check and no I/O in the common case: a scan of the in-memory refcount table
+ * and of one refcount block (read once, then cached), under the metadata lock.
+ *
+ * Thread-safety: thread-safe; allocations by other threads after the call may raise it.
+ *
+ * Returns 0 on success, with `*end` set. Errors: `-EINVAL` for NULL `img` or `end`;
+ * `-EBADF` for a closed handle; `-EIO` if a refcount block cannot be read.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`; `end` NULL or valid for a write.
+ */
+int qcowprov_highest_offset(struct qcowprov_image *img, uint64_t *end);
 
 /**
  * Checks the image's consistency as `qemu-img check` does and, with `fix_flags`,
@@ -750,7 +941,7 @@ int qcowprov_get_info(struct qcowprov_image *img, struct qcowprov_info *info);
  * on a read-only image; `-EIO` and other host errors when the check could not run.
  *
  * # Safety
- * `img` must be NULL or a live handle from `qcowprov_open`; `result` NULL or valid for
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `result` NULL or valid for
  * reads and writes of `result->struct_size` bytes; `progress` NULL or a function safe to
  * call with `user_data`.
  */

@@ -4,7 +4,10 @@
 //! - `pread_4k`: `qcowprov_pread` of 4 KiB from an allocated cluster (page cache warm),
 //!   beside `Image::read_at` on the same file through the engine's Rust API;
 //! - `pwrite_4k_overwrite`: `qcowprov_pwrite` over allocated clusters;
-//! - `block_status`: `qcowprov_block_status_depth` on an allocated range.
+//! - `block_status`: `qcowprov_block_status_depth` on an allocated range;
+//! - `open_close` and `open_close_locking_off`: `qcowprov_open` + `qcowprov_close` of the
+//!   image read-only, with QEMU's image locks (taken at open, released at close) and
+//!   without them, so the difference is what locking costs an open.
 //!
 //! Run with `cargo bench -p qcowprov --bench capi`. The image is a 64 MiB temp file,
 //! fully allocated before timing, removed afterwards.
@@ -81,7 +84,10 @@ fn bench(c: &mut Criterion) {
             assert_eq!(rc, 4096);
         })
     });
-    let img = Image::open(&t.0, &OpenOptions::default()).expect("open");
+    // A second read/write open in this process would be refused by the image locks
+    // (`h` holds them): this one does not lock.
+    let img =
+        Image::open(&t.0, &OpenOptions::parse("locking=off").expect("options")).expect("open");
     g.bench_function("engine_read_at_4k", |b| {
         b.iter(|| {
             img.read_at(black_box(&mut buf), next(&mut off))
@@ -114,6 +120,27 @@ fn bench(c: &mut Criterion) {
     g.finish();
     // SAFETY: `h` is live and not used afterwards.
     assert_eq!(unsafe { qcowprov_close(h) }, 0);
+
+    let mut g = c.benchmark_group("capi_open");
+    let p = CString::new(t.0.to_str().expect("utf-8")).expect("no NUL");
+    for (name, opts) in [
+        ("open_close", c""),
+        ("open_close_locking_off", c"locking=off"),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut h: *mut QcowprovImage = std::ptr::null_mut();
+                // SAFETY: C strings and a valid out-pointer; the handle is closed at once.
+                let rc = unsafe {
+                    qcowprov_open(p.as_ptr(), opts.as_ptr(), QCOWPROV_OPEN_RDONLY, &mut h)
+                };
+                assert_eq!(rc, 0);
+                // SAFETY: `h` is the handle just opened.
+                assert_eq!(unsafe { qcowprov_close(h) }, 0);
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench);

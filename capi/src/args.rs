@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::error::{CResult, Failure};
 
 /// Fail with `-EINVAL` if `p` is NULL.
+#[inline(always)]
 pub(crate) fn non_null<T>(p: *const T, arg: &str) -> CResult<()> {
     if p.is_null() {
         Err(Failure::null(arg))

@@ -105,7 +105,7 @@ pub type QcowprovProgressCb = Option<unsafe extern "C" fn(percent: f64, user_dat
 /// on a read-only image; `-EIO` and other host errors when the check could not run.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`; `result` NULL or valid for
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `result` NULL or valid for
 /// reads and writes of `result->struct_size` bytes; `progress` NULL or a function safe to
 /// call with `user_data`.
 #[no_mangle]
@@ -117,7 +117,7 @@ pub unsafe extern "C" fn qcowprov_check(
     user_data: *mut c_void,
 ) -> c_int {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         // SAFETY: `struct_size` is the first field; the caller guarantees `result` is NULL
         // or readable.

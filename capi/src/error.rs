@@ -27,7 +27,9 @@ impl Failure {
         Failure::new(libc::EINVAL, message)
     }
 
-    /// `-EINVAL` for a NULL pointer argument.
+    /// `-EINVAL` for a NULL pointer argument (out of line: callers only test for NULL).
+    #[cold]
+    #[inline(never)]
     pub(crate) fn null(arg: &str) -> Failure {
         Failure::invalid(format!("invalid argument: '{arg}' is NULL"))
     }

@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_int};
 use std::mem::{offset_of, size_of};
 
-use qcow2_engine::{Mode, Provision};
+use qcow2_engine::{DetectZeroes, Mode, Provision};
 use static_assertions::const_assert_eq;
 
 use crate::args;
@@ -21,6 +21,23 @@ pub const QCOWPROV_INFO_READ_ONLY: u32 = 4;
 pub const QCOWPROV_INFO_HAS_BACKING: u32 = 8;
 /// `qcowprov_info.flags`: compressed clusters use zstd (else zlib).
 pub const QCOWPROV_INFO_COMPRESSION_ZSTD: u32 = 16;
+/// `qcowprov_info.flags`: QEMU's image locks are held on the image file (not with
+/// `locking=off`).
+pub const QCOWPROV_INFO_LOCKED: u32 = 32;
+/// `qcowprov_info.flags`: opened with force-share (`QCOWPROV_OPEN_FORCE_SHARE`).
+pub const QCOWPROV_INFO_FORCE_SHARE: u32 = 64;
+
+/// `detect-zeroes` in force, as `qcowprov_info.detect_zeroes` reports it.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QcowprovDetectZeroes {
+    /// All-zero writes are written as data.
+    Off = 0,
+    /// All-zero writes become write-zeroes.
+    On = 1,
+    /// All-zero writes become write-zeroes that may unmap.
+    Unmap = 2,
+}
 
 /// The discard policy of an open image, as `qcowprov_info.provision` reports it.
 #[repr(u32)]
@@ -84,9 +101,20 @@ pub struct QcowprovInfo {
     pub backing_file: [c_char; 1024],
     /// The backing file format as stored in the image, NUL-terminated; "" if not named.
     pub backing_format: [c_char; 32],
+    /// `detect-zeroes` in force, a `qcowprov_detect_zeroes` value
+    /// (`QCOWPROV_DETECT_ZEROES_*`). Since version 2 of the struct (`struct_size` >= 1792).
+    pub detect_zeroes: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+    /// Every runtime option in force, NUL-terminated, as `key=value,...` that
+    /// `qcowprov_open` accepts: the policy, `detect-zeroes`, `pass-discard-snapshot`,
+    /// `pass-discard-other`, `read-only`, `cache.direct`, `locking` (`on` when locks are
+    /// held), `force-share`, the effective cache sizes and `quarantine-slack`. Since
+    /// version 2.
+    pub options: [c_char; 512],
 }
 
-const_assert_eq!(size_of::<QcowprovInfo>(), 1272);
+const_assert_eq!(size_of::<QcowprovInfo>(), 1792);
 const_assert_eq!(offset_of!(QcowprovInfo, struct_size), 0);
 const_assert_eq!(offset_of!(QcowprovInfo, version), 4);
 const_assert_eq!(offset_of!(QcowprovInfo, virtual_size), 8);
@@ -104,10 +132,14 @@ const_assert_eq!(offset_of!(QcowprovInfo, provision), 84);
 const_assert_eq!(offset_of!(QcowprovInfo, policy), 88);
 const_assert_eq!(offset_of!(QcowprovInfo, backing_file), 216);
 const_assert_eq!(offset_of!(QcowprovInfo, backing_format), 1240);
+const_assert_eq!(offset_of!(QcowprovInfo, detect_zeroes), 1272);
+const_assert_eq!(offset_of!(QcowprovInfo, reserved), 1276);
+const_assert_eq!(offset_of!(QcowprovInfo, options), 1280);
 const_assert_eq!(size_of::<QcowprovProvision>(), 4);
+const_assert_eq!(size_of::<QcowprovDetectZeroes>(), 4);
 
 /// Size of the first version of `struct qcowprov_info`, the smallest accepted
-/// `struct_size`.
+/// `struct_size`. A caller built against it gets that prefix filled.
 const INFO_V1_SIZE: usize = 1272;
 
 impl Default for QcowprovInfo {
@@ -131,6 +163,9 @@ impl Default for QcowprovInfo {
             policy: [0; 128],
             backing_file: [0; 1024],
             backing_format: [0; 32],
+            detect_zeroes: 0,
+            reserved: 0,
+            options: [0; 512],
         }
     }
 }
@@ -171,17 +206,19 @@ fn provision_of(mode: Mode) -> QcowprovProvision {
 }
 
 /// Fills `*info` with what the image reports about itself: version, sizes, features,
-/// snapshots, the effective discard policy and the backing file. The caller sets
-/// `info->struct_size = sizeof(struct qcowprov_info)` first.
+/// snapshots, the effective discard policy, every runtime option in force, and the
+/// backing file. The caller sets `info->struct_size = sizeof(struct qcowprov_info)` first;
+/// a caller built against an older, smaller version of the struct gets that part filled.
 ///
 /// Thread-safety: thread-safe.
 ///
-/// Returns 0 on success; `*info` is written only then (all fields but `struct_size`).
-/// Errors: `-EINVAL` for NULL `img` or `info`, or `info->struct_size` smaller than the
-/// first version of the struct; `-ERANGE` if a name does not fit its field.
+/// Returns 0 on success; `*info` is written only then (the first `struct_size` bytes,
+/// all fields but `struct_size`). Errors: `-EINVAL` for NULL `img` or `info`, or
+/// `info->struct_size` smaller than the first version of the struct; `-EBADF` for a
+/// closed handle; `-ERANGE` if a name does not fit its field.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`; `info` NULL or valid for
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `info` NULL or valid for
 /// reads and writes of `info->struct_size` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn qcowprov_get_info(
@@ -189,7 +226,7 @@ pub unsafe extern "C" fn qcowprov_get_info(
     info: *mut QcowprovInfo,
 ) -> c_int {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         // SAFETY: `struct_size` is the first field; the caller guarantees `info` is NULL
         // or readable.
@@ -204,6 +241,11 @@ pub unsafe extern "C" fn qcowprov_get_info(
             (
                 i.incompatible_features & INCOMPAT_COMPRESSION_TYPE != 0,
                 QCOWPROV_INFO_COMPRESSION_ZSTD,
+            ),
+            (i.locked, QCOWPROV_INFO_LOCKED),
+            (
+                i.options.contains("force-share=on"),
+                QCOWPROV_INFO_FORCE_SHARE,
             ),
         ] {
             if on {
@@ -225,8 +267,14 @@ pub unsafe extern "C" fn qcowprov_get_info(
             autoclear_features: i.autoclear_features,
             snapshots: u32::try_from(i.snapshots).unwrap_or(u32::MAX),
             provision: provision_of(i.mode) as u32,
+            detect_zeroes: match i.detect_zeroes {
+                DetectZeroes::Off => QcowprovDetectZeroes::Off,
+                DetectZeroes::On => QcowprovDetectZeroes::On,
+                DetectZeroes::Unmap => QcowprovDetectZeroes::Unmap,
+            } as u32,
             ..QcowprovInfo::default()
         };
+        fill(&mut out.options, &i.options, "options")?;
         fill(&mut out.policy, &i.policy, "policy")?;
         fill(
             &mut out.backing_file,
@@ -238,9 +286,48 @@ pub unsafe extern "C" fn qcowprov_get_info(
             i.backing_format.as_deref().unwrap_or(""),
             "backing_format",
         )?;
-        // SAFETY: `info` is non-NULL (checked by `struct_size`), covers at least this
-        // version of the struct, and the caller guarantees it is writable.
-        unsafe { info.write(out) };
+        let n = (caller_size as usize).min(size_of::<QcowprovInfo>());
+        // SAFETY: `info` is non-NULL (checked by `struct_size`) and, as the caller
+        // guarantees, writable for `struct_size` >= `n` bytes; `out` is a local of at least
+        // `n` bytes; they do not overlap. Byte copies need no alignment.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&out as *const QcowprovInfo).cast::<u8>(),
+                info.cast::<u8>(),
+                n,
+            )
+        };
+        Ok(0)
+    })
+}
+
+/// Stores in `*end` the offset just past the highest host cluster the image uses: the
+/// size its file or volume must have. A stack that keeps qcow2 images on volumes it grows
+/// (LVM) polls this to extend the volume in time, as QEMU users poll
+/// `wr_highest_offset`; unlike that it is exact from the open on, covers allocations
+/// whose data is still being written, and goes down when the top clusters are freed (once
+/// the next `qcowprov_flush` has made their release safe: until then they count). On an
+/// image without leaks it equals `qemu-img check`'s "Image end offset".
+///
+/// Cost: no check and no I/O in the common case: a scan of the in-memory refcount table
+/// and of one refcount block (read once, then cached), under the metadata lock.
+///
+/// Thread-safety: thread-safe; allocations by other threads after the call may raise it.
+///
+/// Returns 0 on success, with `*end` set. Errors: `-EINVAL` for NULL `img` or `end`;
+/// `-EBADF` for a closed handle; `-EIO` if a refcount block cannot be read.
+///
+/// # Safety
+/// `img` must be NULL or a handle from `qcowprov_open`; `end` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn qcowprov_highest_offset(img: *mut QcowprovImage, end: *mut u64) -> c_int {
+    guard(|| {
+        // SAFETY: the caller guarantees `img` is NULL or a handle.
+        let img = unsafe { image(img) }?;
+        args::non_null(end, "end")?;
+        let v = img.highest_offset()?;
+        // SAFETY: `end` is non-NULL (checked above) and the caller guarantees it writable.
+        unsafe { end.write(v) };
         Ok(0)
     })
 }

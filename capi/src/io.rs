@@ -29,7 +29,7 @@ pub const QCOWPROV_ZERO_NO_FALLBACK: u32 = 2;
 /// range beyond the virtual size; `-EIO` for a corrupt image or host failure.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`; `buf` NULL or valid for
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `buf` NULL or valid for
 /// writes of `len` bytes, not accessed by anyone else during the call.
 #[no_mangle]
 pub unsafe extern "C" fn qcowprov_pread(
@@ -39,7 +39,7 @@ pub unsafe extern "C" fn qcowprov_pread(
     offset: u64,
 ) -> i64 {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         args::non_null(buf, "buf")?;
         let n = args::byte_count(len, "len")?;
@@ -61,7 +61,7 @@ pub unsafe extern "C" fn qcowprov_pread(
 /// image file would exceed the format's limits.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`; `buf` NULL or valid for
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `buf` NULL or valid for
 /// reads of `len` bytes, not modified during the call.
 #[no_mangle]
 pub unsafe extern "C" fn qcowprov_pwrite(
@@ -72,7 +72,7 @@ pub unsafe extern "C" fn qcowprov_pwrite(
     flags: u32,
 ) -> i64 {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         args::non_null(buf, "buf")?;
         args::known_flags(flags, QCOWPROV_WRITE_FUA, "flags")?;
@@ -125,7 +125,7 @@ unsafe fn iovecs<'a>(iov: *const iovec, iovcnt: c_int) -> CResult<(&'a [iovec], 
 /// virtual size; `-EIO` for a corrupt image or host failure.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`; `iov` NULL or an array of
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `iov` NULL or an array of
 /// `iovcnt` entries, each (unless `iov_len` is 0) valid for writes of `iov_len` bytes,
 /// not overlapping each other and not accessed by anyone else during the call.
 #[no_mangle]
@@ -136,7 +136,7 @@ pub unsafe extern "C" fn qcowprov_preadv(
     offset: u64,
 ) -> i64 {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         // SAFETY: the caller guarantees `iov` is NULL or `iovcnt` readable entries.
         let (v, total) = unsafe { iovecs(iov, iovcnt) }?;
@@ -168,7 +168,7 @@ pub unsafe extern "C" fn qcowprov_preadv(
 /// `iov_len` or a total beyond INT64_MAX.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`; `iov` NULL or an array of
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `iov` NULL or an array of
 /// `iovcnt` entries, each (unless `iov_len` is 0) valid for reads of `iov_len` bytes and
 /// not modified during the call.
 #[no_mangle]
@@ -180,7 +180,7 @@ pub unsafe extern "C" fn qcowprov_pwritev(
     flags: u32,
 ) -> i64 {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         // SAFETY: the caller guarantees `iov` is NULL or `iovcnt` readable entries.
         let (v, total) = unsafe { iovecs(iov, iovcnt) }?;
@@ -219,11 +219,11 @@ pub unsafe extern "C" fn qcowprov_pwritev(
 /// file; host errors.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`.
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`).
 #[no_mangle]
 pub unsafe extern "C" fn qcowprov_discard(img: *mut QcowprovImage, offset: u64, len: u64) -> c_int {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         img.discard(offset, len)?;
         Ok(0)
@@ -243,7 +243,7 @@ pub unsafe extern "C" fn qcowprov_discard(img: *mut QcowprovImage, offset: u64, 
 /// file); `-ENOSPC`, `-EIO`, ... from the host.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`.
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`).
 #[no_mangle]
 pub unsafe extern "C" fn qcowprov_write_zeroes(
     img: *mut QcowprovImage,
@@ -252,7 +252,7 @@ pub unsafe extern "C" fn qcowprov_write_zeroes(
     flags: u32,
 ) -> c_int {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         args::known_flags(
             flags,

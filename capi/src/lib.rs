@@ -6,7 +6,8 @@
 //!
 //! Conventions, as in rustls-ffi and hyper's C API:
 //! - an opaque handle, `struct qcowprov_image`, from `qcowprov_open`, freed by
-//!   `qcowprov_close`; one handle may be used from several threads;
+//!   `qcowprov_close`; one handle may be used from several threads; every call checks
+//!   the handle's tag word, so a closed or foreign handle gives `-EBADF` (`tag.rs`);
 //! - functions return 0 (or a byte count) on success and a negative errno on failure,
 //!   with a message for `qcowprov_last_error` on the calling thread;
 //! - out-parameters are written only on success; NULL pointers give `-EINVAL`;
@@ -15,9 +16,10 @@
 //!   "internal error: ...", never an unwind into C.
 //!
 //! Layout: `error` (errno, last error, strerror), `boundary` (panics), `args` (argument
-//! checks), `handle` (open/close/create/flush/resize/options), `io` (reads, writes,
-//! discard, write-zeroes), `status` (block status), `info`, `check`, `stats` (host
-//! request counters).
+//! checks), `tag` (the handle's memory and its check), `handle`
+//! (open/close/create/format/flush/resize/options), `io` (reads, writes, discard,
+//! write-zeroes), `status` (block status), `info`, `check`, `stats` (host request
+//! counters).
 
 // Declaration order is the order of the header (cbindgen follows it): errors, the
 // handle's lifetime, I/O, block status, info, check, stats.
@@ -37,6 +39,7 @@ mod stats;
 
 mod args;
 mod boundary;
+mod tag;
 
 pub use check::{
     qcowprov_check, QcowprovCheckResult, QcowprovProgressCb, QCOWPROV_CHECK_FIX_ALL,
@@ -44,14 +47,16 @@ pub use check::{
 };
 pub use error::{qcowprov_last_error, qcowprov_strerror};
 pub use handle::{
-    qcowprov_close, qcowprov_create, qcowprov_flush, qcowprov_open, qcowprov_resize,
-    qcowprov_set_options, qcowprov_version, QcowprovImage, QCOWPROV_OPEN_CHECK,
-    QCOWPROV_OPEN_DIRECT, QCOWPROV_OPEN_NO_BACKING, QCOWPROV_OPEN_RDONLY,
+    qcowprov_close, qcowprov_create, qcowprov_flush, qcowprov_format, qcowprov_format_fd,
+    qcowprov_open, qcowprov_open_fd, qcowprov_resize, qcowprov_set_options, qcowprov_version,
+    QcowprovImage, QCOWPROV_OPEN_CHECK, QCOWPROV_OPEN_DIRECT, QCOWPROV_OPEN_FORCE_SHARE,
+    QCOWPROV_OPEN_NO_BACKING, QCOWPROV_OPEN_RDONLY,
 };
 pub use info::{
-    qcowprov_get_info, QcowprovInfo, QcowprovProvision, QCOWPROV_INFO_COMPRESSION_ZSTD,
-    QCOWPROV_INFO_EXTENDED_L2, QCOWPROV_INFO_HAS_BACKING, QCOWPROV_INFO_LAZY_REFCOUNTS,
-    QCOWPROV_INFO_READ_ONLY,
+    qcowprov_get_info, qcowprov_highest_offset, QcowprovDetectZeroes, QcowprovInfo,
+    QcowprovProvision, QCOWPROV_INFO_COMPRESSION_ZSTD, QCOWPROV_INFO_EXTENDED_L2,
+    QCOWPROV_INFO_FORCE_SHARE, QCOWPROV_INFO_HAS_BACKING, QCOWPROV_INFO_LAZY_REFCOUNTS,
+    QCOWPROV_INFO_LOCKED, QCOWPROV_INFO_READ_ONLY,
 };
 pub use io::{
     qcowprov_discard, qcowprov_pread, qcowprov_preadv, qcowprov_pwrite, qcowprov_pwritev,

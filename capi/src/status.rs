@@ -104,7 +104,7 @@ fn flags_of(st: &BlockStatus) -> u32 {
 /// a corrupt image or host failure.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`; `pnum`, `flags` and
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `pnum`, `flags` and
 /// `host_offset` NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn qcowprov_block_status(
@@ -116,7 +116,7 @@ pub unsafe extern "C" fn qcowprov_block_status(
     host_offset: *mut u64,
 ) -> c_int {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         args::non_null(pnum, "pnum")?;
         args::non_null(flags, "flags")?;
@@ -145,7 +145,7 @@ pub unsafe extern "C" fn qcowprov_block_status(
 /// corrupt image or host failure.
 ///
 /// # Safety
-/// `img` must be NULL or a live handle from `qcowprov_open`; `st` NULL or valid for reads
+/// `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`); `st` NULL or valid for reads
 /// and writes of `st->struct_size` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn qcowprov_block_status_depth(
@@ -155,7 +155,7 @@ pub unsafe extern "C" fn qcowprov_block_status_depth(
     st: *mut QcowprovStatus,
 ) -> c_int {
     guard(|| {
-        // SAFETY: the caller guarantees `img` is NULL or live.
+        // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
         let img = unsafe { image(img) }?;
         // SAFETY: `struct_size` is the first field; the caller guarantees `st` is NULL or
         // readable.

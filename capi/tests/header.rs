@@ -122,7 +122,7 @@ fn c_layouts_match() {
 #include <qcowprov.h>
 #include <stddef.h>
 #define SA(c) _Static_assert(c, #c)
-SA(sizeof(struct qcowprov_info) == 1272);
+
 SA(offsetof(struct qcowprov_info, virtual_size) == 8);
 SA(offsetof(struct qcowprov_info, refcount_bits) == 48);
 SA(offsetof(struct qcowprov_info, incompatible_features) == 56);
@@ -131,6 +131,9 @@ SA(offsetof(struct qcowprov_info, provision) == 84);
 SA(offsetof(struct qcowprov_info, policy) == 88);
 SA(offsetof(struct qcowprov_info, backing_file) == 216);
 SA(offsetof(struct qcowprov_info, backing_format) == 1240);
+SA(offsetof(struct qcowprov_info, detect_zeroes) == 1272);
+SA(offsetof(struct qcowprov_info, options) == 1280);
+SA(sizeof(struct qcowprov_info) == 1792);
 SA(sizeof(struct qcowprov_status) == 32);
 SA(offsetof(struct qcowprov_status, host_offset) == 16);
 SA(offsetof(struct qcowprov_status, depth) == 24);
@@ -141,7 +144,7 @@ SA(offsetof(struct qcowprov_stats, host_flushes) == 8);
 SA(offsetof(struct qcowprov_stats, host_zeroes) == 24);
 SA(offsetof(struct qcowprov_stats, allocation_end) == 56);
 SA(QCOWPROV_OPEN_RDONLY == 1 && QCOWPROV_OPEN_DIRECT == 2 && QCOWPROV_OPEN_NO_BACKING == 4 &&
-   QCOWPROV_OPEN_CHECK == 8);
+   QCOWPROV_OPEN_CHECK == 8 && QCOWPROV_OPEN_FORCE_SHARE == 16);
 SA(QCOWPROV_WRITE_FUA == 1 && QCOWPROV_ZERO_MAY_UNMAP == 1);
 SA(QCOWPROV_CHECK_FIX_LEAKS == 1 && QCOWPROV_CHECK_FIX_ALL == 2);
 SA(QCOWPROV_STATUS_DATA == 1 && QCOWPROV_STATUS_ZERO == 2 && QCOWPROV_STATUS_ALLOCATED == 4);
@@ -149,7 +152,9 @@ SA(QCOWPROV_STATUS_COMPRESSED == 8 && QCOWPROV_STATUS_BACKING == 16);
 SA(QCOWPROV_STATUS_OFFSET_VALID == 32);
 SA(QCOWPROV_INFO_EXTENDED_L2 == 1 && QCOWPROV_INFO_LAZY_REFCOUNTS == 2);
 SA(QCOWPROV_INFO_READ_ONLY == 4 && QCOWPROV_INFO_HAS_BACKING == 8);
-SA(QCOWPROV_INFO_COMPRESSION_ZSTD == 16);
+SA(QCOWPROV_INFO_COMPRESSION_ZSTD == 16 && QCOWPROV_INFO_LOCKED == 32);
+SA(QCOWPROV_INFO_FORCE_SHARE == 64);
+SA(QCOWPROV_DETECT_ZEROES_OFF == 0 && QCOWPROV_DETECT_ZEROES_ON == 1 && QCOWPROV_DETECT_ZEROES_UNMAP == 2);
 SA(QCOWPROV_PROVISION_OFF == 0 && QCOWPROV_PROVISION_FULL == 1);
 SA(QCOWPROV_PROVISION_METADATA == 2 && QCOWPROV_PROVISION_THIN == 3);
 SA(QCOWPROV_PROVISION_REUSE == 4 && QCOWPROV_PROVISION_QEMU == 5);
@@ -172,6 +177,10 @@ static int (*f_block_status)(qcowprov_image *, uint64_t, uint64_t, uint64_t *, u
 static int (*f_block_status_depth)(qcowprov_image *, uint64_t, uint64_t, struct qcowprov_status *) = qcowprov_block_status_depth;
 static int (*f_get_info)(qcowprov_image *, struct qcowprov_info *) = qcowprov_get_info;
 static int (*f_set_options)(qcowprov_image *, const char *) = qcowprov_set_options;
+static int (*f_open_fd)(int, const char *, uint32_t, qcowprov_image **) = qcowprov_open_fd;
+static int (*f_format)(const char *, const char *, uint64_t) = qcowprov_format;
+static int (*f_format_fd)(int, const char *, uint64_t) = qcowprov_format_fd;
+static int (*f_highest)(qcowprov_image *, uint64_t *) = qcowprov_highest_offset;
 static void (*f_cb)(double, void *);
 static qcowprov_progress_cb *f_cb_check = &f_cb;
 static int (*f_check)(qcowprov_image *, uint32_t, struct qcowprov_check_result *, qcowprov_progress_cb, void *) = qcowprov_check;
@@ -182,7 +191,8 @@ int use_them(void) {
         && f_close != 0 && f_pread != 0 && f_pwrite != 0 && f_preadv != 0 && f_pwritev != 0
         && f_discard != 0 && f_write_zeroes != 0 && f_flush != 0 && f_resize != 0
         && f_block_status != 0 && f_block_status_depth != 0 && f_get_info != 0
-        && f_set_options != 0 && f_cb_check != 0 && f_check != 0 && f_get_stats != 0;
+        && f_set_options != 0 && f_cb_check != 0 && f_check != 0 && f_get_stats != 0
+        && f_open_fd != 0 && f_format != 0 && f_format_fd != 0 && f_highest != 0;
 }
 "#;
     std::fs::write(&src, checks).expect("write layout.c");

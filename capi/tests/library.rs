@@ -78,13 +78,17 @@ fn exports_only_the_c_api() {
         "qcowprov_set_options",
         "qcowprov_check",
         "qcowprov_get_stats",
+        "qcowprov_open_fd",
+        "qcowprov_format",
+        "qcowprov_format_fd",
+        "qcowprov_highest_offset",
     ] {
         assert!(
             symbols.contains(&want),
             "{want} is not exported: {symbols:?}"
         );
     }
-    assert_eq!(symbols.len(), 20, "{symbols:?}");
+    assert_eq!(symbols.len(), 24, "{symbols:?}");
 }
 
 #[test]

@@ -171,7 +171,10 @@ fn full_round_trip_is_clean_for_qemu_img() {
     );
     assert_eq!((i.subcluster_size, i.discard_granularity), (CS, CS));
     assert_eq!((i.write_zeroes_alignment, i.refcount_bits), (CS, 16));
-    assert_eq!(i.flags, 0);
+    assert_eq!(
+        i.flags, QCOWPROV_INFO_LOCKED,
+        "a read/write open holds QEMU's locks"
+    );
     assert_eq!(i.provision, QcowprovProvision::Thin as u32);
     assert_eq!(field(&i.policy), "provision=thin");
     assert_eq!(field(&i.backing_file), "");
@@ -184,7 +187,12 @@ fn full_round_trip_is_clean_for_qemu_img() {
     let i = info(img);
     assert_eq!(i.provision, QcowprovProvision::Qemu as u32);
     assert!(field(&i.policy).contains("discard-no-unref=on"));
+    // "" changes nothing: keys not given keep their values.
     let o = c("");
+    // SAFETY: live handle, valid string.
+    assert_eq!(unsafe { qcowprov_set_options(img, o.as_ptr()) }, 0);
+    assert_eq!(info(img).provision, QcowprovProvision::Qemu as u32);
+    let o = c("provision=metadata");
     // SAFETY: live handle, valid string.
     assert_eq!(unsafe { qcowprov_set_options(img, o.as_ptr()) }, 0);
     assert_eq!(info(img).provision, QcowprovProvision::Metadata as u32);
@@ -342,7 +350,10 @@ fn images_created_here_match_qemu_img_info() {
     assert_eq!(i.refcount_bits, 32);
     assert_eq!(
         i.flags,
-        QCOWPROV_INFO_EXTENDED_L2 | QCOWPROV_INFO_LAZY_REFCOUNTS | QCOWPROV_INFO_COMPRESSION_ZSTD
+        QCOWPROV_INFO_EXTENDED_L2
+            | QCOWPROV_INFO_LAZY_REFCOUNTS
+            | QCOWPROV_INFO_COMPRESSION_ZSTD
+            | QCOWPROV_INFO_LOCKED
     );
     assert_eq!(close(img), 0);
     assert_eq!(qemu_img_check(&path).0, 0);

@@ -219,7 +219,11 @@ static void test_io(void)
                info.policy);
         EXPECT_OK(qcowprov_set_options(img, ""));
         EXPECT_OK(qcowprov_get_info(img, &info));
-        EXPECT(info.provision == QCOWPROV_PROVISION_METADATA, "\"\" restores the default (got %u, \"%s\")",
+        EXPECT(info.provision == QCOWPROV_PROVISION_THIN, "\"\" changes nothing (got %u, \"%s\")",
+               info.provision, info.policy);
+        EXPECT_OK(qcowprov_set_options(img, "provision=metadata"));
+        EXPECT_OK(qcowprov_get_info(img, &info));
+        EXPECT(info.provision == QCOWPROV_PROVISION_METADATA, "back to the default (got %u, \"%s\")",
                info.provision, info.policy);
     }
 

@@ -24,6 +24,7 @@ trap 'exit 130' INT TERM
 
 PASSES=0
 FAILS=0
+SKIPS=0
 
 pass() {
     echo "PASS  $1"
@@ -45,18 +46,47 @@ fail() {
     done
 }
 
-# need CMD...: fail the whole script when a tool it needs is missing (a test that cannot
-# run is not a pass; .ci/run installs them all).
+# skip NAME WHY: a check that cannot run here for a reason other than a missing tool
+# (e.g. no O_DIRECT on this filesystem). Counted and shown, never as a pass.
+skip() {
+    echo "SKIP  $1: $2"
+    SKIPS=$((SKIPS + 1))
+}
+
+# counts_from FILE: add a C test program's "NAME: N checks, M failed" line to the counts.
+counts_from() {
+    line=$(grep -E '^[a-z-]+: [0-9]+ checks, [0-9]+ failed$' "$1" | tail -1)
+    if [ -z "$line" ]; then
+        fail "$(basename "$0"): the program printed no summary line" "$1"
+        return
+    fi
+    n=$(echo "$line" | sed 's/^[^:]*: \([0-9]*\) checks.*/\1/')
+    m=$(echo "$line" | sed 's/.* \([0-9]*\) failed$/\1/')
+    PASSES=$((PASSES + n - m))
+    FAILS=$((FAILS + m))
+    echo "      $line"
+}
+
+# need CMD...: fail the whole script, naming the tool, when a tool the tests need is
+# missing (a test that cannot run must not pass; .ci/run installs them all).
 need() {
     for c in "$@"; do
         if ! command -v "$c" >/dev/null 2>&1; then
-            echo "FAIL  $(basename "$0"): $c not installed (see .ci/run for the packages)"
+            echo "FAIL  $(basename "$0"): '$c' is not installed and this script needs it" \
+                "(.ci/run installs what the tests need)"
+            FAILS=$((FAILS + 1))
+            finish
             exit 1
         fi
     done
 }
 
+# finish: print this script's counts (and record them for run.sh); exit status 0 only
+# when every check passed.
 finish() {
-    echo "$(basename "$0"): $PASSES passed, $FAILS failed"
+    echo "$(basename "$0"): $PASSES passed, $FAILS failed, $SKIPS skipped"
+    if [ -n "${QCOWPROV_COUNTS:-}" ]; then
+        echo "$(basename "$0") $PASSES $FAILS $SKIPS" >> "$QCOWPROV_COUNTS"
+    fi
     [ "$FAILS" -eq 0 ]
 }

@@ -13,7 +13,7 @@ bench() {
     shift 2
     if ! "$BENCH" "$@" > out 2> err; then
         if [ -n "${DIRECT_MAY_FAIL:-}" ] && grep -q -i 'invalid argument' err; then
-            pass "$name (skipped: O_DIRECT not supported here)"
+            skip "$name" "O_DIRECT is not supported on this filesystem"
             return 1
         fi
         fail "$name" "exited non-zero" err

@@ -60,6 +60,7 @@ vg "bench: qcow2 reads" 0 "$BENCH" -c 300 -d 2 top.qcow2
 vg "bench: raw" 0 "$BENCH" -f raw -w -c 100 -d 2 r.raw
 vg "bench: failure" 1 "$BENCH" -c 1 -o 8M a.qcow2
 TMPDIR=$T vg "demo (4 MiB, 10 rounds, no qemu)" 0 "$DEMO" --no-qemu --size 4 --rounds 10
-mkdir edge
+mkdir edge handle
 vg "api-edge" 0 "$BIN/api-edge" edge
+vg "api-handle (closed, foreign and double-closed handles, locks, fds)" 0 "$BIN/api-handle" handle
 finish

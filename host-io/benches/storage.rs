@@ -6,6 +6,9 @@
 //! meets extents costs far more (ext4 writes dirty pages back and frees extents) than one
 //! that meets a hole, so compare figures with that order in mind.
 //!
+//! `image_locks`: taking and releasing QEMU's image locks on an open file, and an open
+//! (plus close) with and without the writer lock.
+//!
 //! Short by default (10 samples, 2 s). Run: `cargo bench -p host-io --bench storage`.
 
 use std::fs::{File, OpenOptions};
@@ -14,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use host_io::{FileOptions, FileStorage, Storage, ZeroMode};
+use host_io::{FileOptions, FileStorage, LockRequest, Storage, ZeroMode};
 
 const FILE_SIZE: u64 = 64 << 20;
 
@@ -141,6 +144,38 @@ fn zeroing(c: &mut Criterion) {
     g.finish();
 }
 
+/// QEMU's image locks: what taking them costs an open, and a test alone (the part that
+/// repeats if a caller polls whether an image is free).
+fn locks(c: &mut Criterion) {
+    let fx = Fixture::new("locks");
+    let hio = fx.storage();
+    let mut g = c.benchmark_group("image_locks");
+    for (name, req) in [
+        ("writer_lock_unlock", LockRequest::WRITER),
+        ("reader_lock_unlock", LockRequest::READER),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                assert!(hio.lock(req).unwrap());
+                hio.unlock().unwrap();
+            })
+        });
+    }
+    g.bench_function("open_close_no_lock", |b| {
+        b.iter(|| FileStorage::open(&fx.path, &FileOptions::new()).unwrap())
+    });
+    g.bench_function("open_close_writer_lock", |b| {
+        b.iter(|| {
+            FileStorage::open(
+                &fx.path,
+                &FileOptions::new().lock(Some(LockRequest::WRITER)),
+            )
+            .unwrap()
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -153,5 +188,6 @@ fn main() {
     let mut c = config().configure_from_args();
     rw(&mut c);
     zeroing(&mut c);
+    locks(&mut c);
     c.final_summary();
 }

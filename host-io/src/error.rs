@@ -3,10 +3,12 @@
 
 use std::io;
 
-/// An I/O error with a human-readable context (e.g. "open /dev/sdb"). Wrapped in an
-/// `io::Error` by [`with_context`]; use [`raw_os_error_of`] to get the errno back.
+/// An I/O error with a human-readable context (e.g. "Could not open '/dev/sdb'"). Wrapped
+/// in an `io::Error` by [`with_context`]; use [`raw_os_error_of`] to get the errno back.
+/// Displays as "context: description" with the C library's description of the errno
+/// ([`error_text`]).
 #[derive(Debug, thiserror::Error)]
-#[error("{context}: {source}")]
+#[error("{context}: {}", error_text(source))]
 pub struct ContextError {
     /// What was being done.
     pub context: String,
@@ -28,15 +30,31 @@ pub fn with_context(err: io::Error, context: impl Into<String>) -> io::Error {
     )
 }
 
-/// The errno of `err`, looking through [`ContextError`] wrappers. Use this (not
-/// `io::Error::raw_os_error`) where errno must reach the C API.
+/// The errno of `err`, looking through [`ContextError`] wrappers; a
+/// [`LockConflict`](crate::LockConflict) is [`LOCK_CONFLICT_ERRNO`](crate::LOCK_CONFLICT_ERRNO).
+/// Use this (not `io::Error::raw_os_error`) where errno must reach the C API.
 pub fn raw_os_error_of(err: &io::Error) -> Option<i32> {
     if let Some(code) = err.raw_os_error() {
         return Some(code);
     }
-    err.get_ref()
-        .and_then(|inner| inner.downcast_ref::<ContextError>())
+    let inner = err.get_ref()?;
+    if inner.is::<crate::LockConflict>() {
+        return Some(crate::LOCK_CONFLICT_ERRNO);
+    }
+    inner
+        .downcast_ref::<ContextError>()
         .and_then(|ctx| raw_os_error_of(&ctx.source))
+}
+
+/// `err` as a C library would word it: an OS error is the C library's `strerror` text
+/// ("No such file or directory", without Rust's " (os error 2)"), a wrapped error its
+/// context and then that text.
+pub fn error_text(err: &io::Error) -> String {
+    match (err.raw_os_error(), err.get_ref()) {
+        (Some(code), _) => crate::sys::strerror(code),
+        (None, Some(inner)) => inner.to_string(),
+        (None, None) => err.to_string(),
+    }
 }
 
 /// An `io::Error` carrying `errno`.

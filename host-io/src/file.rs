@@ -3,13 +3,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use crate::blockdev::{queue_limits, QueueLimits};
 use crate::error::{errno, with_context};
+use crate::lock::{self, Held, LockRequest, Locking};
 use crate::probe::Probe;
 use crate::storage::{Capabilities, DiscardOutcome, Storage, ZeroMethod, ZeroMode};
 use crate::sys;
@@ -24,8 +26,14 @@ pub struct FileOptions {
     pub direct: bool,
     /// Create the file if it does not exist (new images).
     pub create: bool,
-    /// Truncate an existing regular file to zero length (new images).
+    /// Truncate an existing regular file to zero length (new images), after `lock` is
+    /// taken: an image in use is never truncated. Block devices are not truncated.
     pub truncate: bool,
+    /// QEMU's image locks to take right after opening (see [`LockRequest`]); `None` takes
+    /// none. Held until the storage is dropped.
+    pub lock: Option<LockRequest>,
+    /// Whether `lock` is honoured (QEMU's `file.locking`; default `Auto`).
+    pub locking: Locking,
     /// Primitives to treat as unsupported from the start (e.g. to force a fallback path or
     /// to honour a "no discard" setting).
     pub disabled: Vec<Primitive>,
@@ -37,11 +45,13 @@ impl FileOptions {
         Self::default()
     }
 
-    /// Options for creating (or truncating) a new image read-write.
+    /// Options for creating (or truncating) a new image read-write. Takes QEMU's
+    /// [`LockRequest::CREATOR`] locks before truncating, as `qemu-img create` does.
     pub fn create_new() -> Self {
         Self {
             create: true,
             truncate: true,
+            lock: Some(LockRequest::CREATOR),
             ..Self::default()
         }
     }
@@ -55,6 +65,18 @@ impl FileOptions {
     /// Set `direct`.
     pub fn direct(mut self, yes: bool) -> Self {
         self.direct = yes;
+        self
+    }
+
+    /// Set `lock`.
+    pub fn lock(mut self, req: Option<LockRequest>) -> Self {
+        self.lock = req;
+        self
+    }
+
+    /// Set `locking`.
+    pub fn locking(mut self, mode: Locking) -> Self {
+        self.locking = mode;
         self
     }
 
@@ -132,6 +154,10 @@ pub struct FileStorage {
     pub(crate) probes: Probes,
     /// Serialises direct-mode read-modify-write against other writes and length changes.
     pub(crate) rmw: RwLock<()>,
+    /// QEMU's image lock bytes held through this descriptor.
+    held: Mutex<Held>,
+    /// Whether locks are taken (`FileOptions::locking`).
+    locking: Locking,
     /// Flushes issued (statistics).
     flushes: std::sync::atomic::AtomicU64,
     /// Discard and write-zeroes calls (statistics).
@@ -140,12 +166,74 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Open `path` (a regular file or a block device). Errors name the path and keep the
-    /// errno (see [`raw_os_error_of`](crate::raw_os_error_of)).
+    /// Open `path` (a regular file or a block device). Errors name the path once ("Could
+    /// not open 'PATH': ...") and keep the errno (see [`raw_os_error_of`](crate::raw_os_error_of)).
     pub fn open(path: impl AsRef<Path>, opts: &FileOptions) -> io::Result<Self> {
         let path = path.as_ref();
-        Self::open_inner(path, opts)
-            .map_err(|e| with_context(e, format!("open {}", path.display())))
+        Self::open_inner(path, opts).map_err(|e| {
+            let verb = if opts.create { "create" } else { "open" };
+            with_context(e, format!("Could not {verb} '{}'", path.display()))
+        })
+    }
+
+    /// Use a descriptor the caller already has (management stacks pass descriptors, e.g.
+    /// through `SCM_RIGHTS`), taking ownership of it: pass a `dup` to keep your own.
+    ///
+    /// The descriptor's access mode must allow what `opts` asks (`O_RDWR` unless
+    /// `read_only`: else `EBADF`), it must not be `O_APPEND` (`EINVAL`: positioned writes
+    /// would append), and `O_DIRECT` is taken from it (`opts.direct` without `O_DIRECT` on
+    /// the descriptor is `EINVAL`; the library does not change the status flags, which are
+    /// shared with every duplicate). `create` is refused; `truncate` and `lock` work as for
+    /// [`open`](Self::open). Locks belong to the open file description, so a duplicate of
+    /// this descriptor held elsewhere shares them (it is not excluded); they are released
+    /// when the storage is dropped even though the description may live on. The path (for
+    /// messages and [`path`](Self::path)) is read from `/proc/self/fd`.
+    pub fn from_fd(fd: OwnedFd, opts: &FileOptions) -> io::Result<Self> {
+        let raw = fd.as_raw_fd();
+        let file = File::from(fd);
+        let path = std::fs::read_link(format!("/proc/self/fd/{raw}"))
+            .unwrap_or_else(|_| PathBuf::from(format!("/proc/self/fd/{raw}")));
+        let context = |e| {
+            with_context(
+                e,
+                format!("Could not use '{}' (descriptor {raw})", path.display()),
+            )
+        };
+        let flags = sys::status_flags(&file).map_err(context)?;
+        let access = flags & libc::O_ACCMODE;
+        let why = if access == libc::O_WRONLY {
+            Some((
+                libc::EBADF,
+                "the descriptor is write-only; it must be readable",
+            ))
+        } else if access == libc::O_RDONLY && !opts.read_only {
+            Some((
+                libc::EBADF,
+                "the descriptor is read-only; open it O_RDWR or open the image read-only",
+            ))
+        } else if flags & libc::O_APPEND != 0 {
+            Some((
+                libc::EINVAL,
+                "the descriptor is O_APPEND, so positioned writes would append",
+            ))
+        } else if opts.direct && flags & libc::O_DIRECT == 0 {
+            Some((
+                libc::EINVAL,
+                "direct I/O was asked for but the descriptor is not O_DIRECT",
+            ))
+        } else if opts.create || (opts.read_only && opts.truncate) {
+            Some((
+                libc::EINVAL,
+                "create, or truncate of a read-only descriptor, was asked for",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, why)) = why {
+            return Err(context(with_context(errno(code), why)));
+        }
+        let direct = flags & libc::O_DIRECT != 0;
+        Self::finish(file, path.clone(), opts, direct).map_err(context)
     }
 
     fn open_inner(path: &Path, opts: &FileOptions) -> io::Result<Self> {
@@ -153,14 +241,17 @@ impl FileStorage {
             return Err(errno(libc::EINVAL));
         }
         let mut oo = OpenOptions::new();
-        oo.read(true)
-            .write(!opts.read_only)
-            .create(opts.create)
-            .truncate(opts.truncate);
+        // Truncation waits for the locks (in `finish`): an image in use stays intact.
+        oo.read(true).write(!opts.read_only).create(opts.create);
         if opts.direct {
             oo.custom_flags(libc::O_DIRECT);
         }
         let file = oo.open(path)?;
+        Self::finish(file, path.to_path_buf(), opts, opts.direct)
+    }
+
+    /// Probe an open file, take its locks, then truncate it if asked.
+    fn finish(file: File, path: PathBuf, opts: &FileOptions, direct: bool) -> io::Result<Self> {
         let meta = file.metadata()?;
         let ft = meta.file_type();
         let block_device = ft.is_block_device();
@@ -179,7 +270,7 @@ impl FileStorage {
             .ok()
             .filter(|b| b.is_power_of_two() && (512..=(1 << 20)).contains(b))
             .unwrap_or(4096);
-        let align = match (opts.direct, block_device) {
+        let align = match (direct, block_device) {
             (false, _) => 1,
             (true, true) => u64::from(logical_block_size.max(512)),
             // The filesystem block size satisfies every filesystem's O_DIRECT rules.
@@ -190,16 +281,18 @@ impl FileStorage {
         }
         let s = Self {
             file,
-            path: path.to_path_buf(),
+            path,
             block_device,
             read_only: opts.read_only,
-            direct: opts.direct,
+            direct,
             align,
             logical_block_size,
             fs_block_size,
             queue,
             probes: Probes::default(),
             rmw: RwLock::new(()),
+            held: Mutex::new(Held::default()),
+            locking: opts.locking,
             flushes: Default::default(),
             discards: Default::default(),
             zeroes: Default::default(),
@@ -207,7 +300,39 @@ impl FileStorage {
         for p in &opts.disabled {
             s.disable_primitive(*p);
         }
+        if let Some(req) = opts.lock {
+            s.lock(req)?;
+        }
+        if opts.truncate && !block_device {
+            s.file.set_len(0)?;
+        }
         Ok(s)
+    }
+
+    /// Take QEMU's image locks for `req` (or change the ones held to `req`), as
+    /// `FileOptions::lock` does at open: apply, then test for conflicts. Returns whether
+    /// locks are held: `false` with `locking=off`, or `auto` on a kernel without OFD locks.
+    /// A conflict is an error holding a [`LockConflict`](crate::LockConflict); the locks
+    /// held before the call are then unchanged.
+    pub fn lock(&self, req: LockRequest) -> io::Result<bool> {
+        if self.locking == Locking::Off {
+            return Ok(false);
+        }
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        lock::acquire(&self.file, &mut held, req, self.locking)
+    }
+
+    /// Release every image lock held through this storage.
+    pub fn unlock(&self) -> io::Result<()> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        lock::release_all(&self.file, &mut held)
+    }
+
+    /// The lock request currently held (permissions taken, permissions shared), or `None`
+    /// when no lock byte is held.
+    pub fn held_lock(&self) -> Option<LockRequest> {
+        let held = *self.held.lock().unwrap_or_else(|e| e.into_inner());
+        (held != Held::default()).then(|| held.request())
     }
 
     /// The path this storage was opened from.
@@ -293,6 +418,17 @@ impl FileStorage {
     pub(crate) fn truncate_locked(&self, len: u64) -> io::Result<()> {
         let _guard = self.rmw.write().unwrap_or_else(|e| e.into_inner());
         self.file.set_len(len)
+    }
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        // Closing the descriptor releases the locks unless the open file description lives
+        // on in a duplicate (`from_fd`): release them explicitly.
+        let held = self.held.get_mut().unwrap_or_else(|e| e.into_inner());
+        if *held != Held::default() {
+            let _ = lock::release_all(&self.file, held);
+        }
     }
 }
 

@@ -10,8 +10,9 @@
 //! [`ZeroMethod`]; [`Capabilities`] says what the backend can do as far as probed.
 //!
 //! # Backends
-//! * [`FileStorage`]: regular files and block devices ([`FileOptions`]: read-only,
-//!   `O_DIRECT`, create/truncate). Files use `fallocate` (`PUNCH_HOLE`, `ZERO_RANGE`,
+//! * [`FileStorage`]: regular files and block devices, opened by path or from a descriptor
+//!   the caller already has ([`FileOptions`]: read-only, `O_DIRECT`, create/truncate, image
+//!   locks). Files use `fallocate` (`PUNCH_HOLE`, `ZERO_RANGE`,
 //!   `FALLOC_FL_WRITE_ZEROES`, mode 0); devices use `BLKDISCARD`, `BLKZEROOUT`,
 //!   `BLKGETSIZE64`, `BLKSSZGET` and sysfs queue limits. In direct mode any offset/length
 //!   works: unaligned requests are bounced through an [`AlignedBuf`] with read-modify-write
@@ -44,13 +45,22 @@
 //! write torn at a 512-byte sector boundary ([`CrashPolicy`]). Randomness comes from the
 //! self-contained [`SplitMix64`], so a failing seed reproduces.
 //!
+//! # Image locks
+//! A [`FileStorage`] can hold QEMU's image locks ([`LockRequest`], [`Locking`]): byte-range
+//! open-file-description locks on bytes 100.. and 200.. of the file, taken at open (before
+//! any truncation) and released when the storage is dropped, so this library and QEMU's
+//! tools exclude each other. A refused open is an `io::Error` holding a [`LockConflict`]
+//! (errno [`LOCK_CONFLICT_ERRNO`]). The protocol is described in `lock.rs`.
+//!
 //! # Errors
 //! I/O paths return `io::Error::from_raw_os_error(errno)` unchanged so the C API can
 //! report errno. Where context (such as a path) is added, it is wrapped in a
-//! [`ContextError`]; [`raw_os_error_of`] finds the errno through the wrapper.
+//! [`ContextError`]; [`raw_os_error_of`] finds the errno through the wrapper, and
+//! [`error_text`] words an error as a C library would (no " (os error N)" suffix).
 //!
 //! All `unsafe` code lives in the private `sys` module (thin wrappers over `fallocate`,
-//! block-device ioctls, `lseek`, `preadv`/`pwritev` and `mmap`).
+//! block-device ioctls, `lseek`, `preadv`/`pwritev`, `mmap`, `fcntl` locks and flags, and
+//! `strerror_r`).
 
 mod aligned_buf;
 mod blockdev;
@@ -61,6 +71,7 @@ mod file;
 mod file_io;
 mod file_zero;
 mod forward;
+mod lock;
 mod mem;
 mod op;
 mod prng;
@@ -70,9 +81,13 @@ mod sys;
 
 pub use aligned_buf::AlignedBuf;
 pub use crash::{CrashPolicy, CrashStorage, OpRecord, TORN_SECTOR};
-pub use error::{raw_os_error_of, with_context, ContextError};
+pub use error::{error_text, raw_os_error_of, with_context, ContextError};
 pub use faulty::{Fault, FaultyStorage};
 pub use file::{FileOptions, FileStorage, Primitive};
+pub use lock::{
+    LockConflict, LockRequest, Locking, Perms, LOCK_CONFLICT_ERRNO, LOCK_PERM_BASE,
+    LOCK_SHARED_BASE,
+};
 pub use mem::{MemOptions, MemStorage, DISCARD_FILL, MEM_BLOCK_SIZE};
 pub use op::OpKind;
 pub use prng::SplitMix64;

@@ -3,7 +3,9 @@
 //! This is the only module of the crate with `unsafe` code. Every wrapper takes a `&File`
 //! (so the descriptor is open for the duration of the call), converts offsets with range
 //! checks, retries `EINTR`, and returns the raw OS error unchanged so errno reaches the C
-//! API.
+//! API. Open-file-description byte-range locks (`F_OFD_SETLK`/`F_OFD_GETLK`, used for
+//! QEMU's image locking protocol in `lock.rs`), the descriptor's status flags and the C
+//! library's `strerror` text live here too.
 
 use std::fs::File;
 use std::io;
@@ -178,4 +180,96 @@ pub(crate) fn dev_major_minor(rdev: u64) -> (u64, u64) {
     let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
     let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
     (major, minor)
+}
+
+/// A byte-range lock type (`struct flock.l_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockType {
+    /// `F_RDLCK`: shared; any number of open file descriptions may hold it.
+    Read,
+    /// `F_WRLCK`: exclusive.
+    Write,
+    /// `F_UNLCK`.
+    Unlock,
+}
+
+impl LockType {
+    fn raw(self) -> libc::c_short {
+        (match self {
+            LockType::Read => libc::F_RDLCK,
+            LockType::Write => libc::F_WRLCK,
+            LockType::Unlock => libc::F_UNLCK,
+        }) as libc::c_short
+    }
+}
+
+/// A `struct flock` for `len` bytes at `start` (`l_pid` must be 0 for OFD locks).
+fn flock_for(start: u64, len: u64, ty: LockType) -> io::Result<libc::flock> {
+    // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty.raw();
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = to_off(start)?;
+    fl.l_len = to_off(len)?;
+    Ok(fl)
+}
+
+/// `fcntl(F_OFD_SETLK)`: take (or, with `Unlock`, release) a lock on `len` bytes at `start`
+/// for the open file description behind `file`, without waiting. A conflicting lock gives
+/// `EAGAIN` (or `EACCES`); a kernel without OFD locks (before Linux 3.15) gives `EINVAL`.
+pub(crate) fn ofd_setlk(file: &File, start: u64, len: u64, ty: LockType) -> io::Result<()> {
+    let fl = flock_for(start, len, ty)?;
+    let fd = file.as_raw_fd();
+    retry(|| {
+        // SAFETY: `fd` is valid for the call; the kernel reads one `struct flock` through
+        // the pointer, which points at `fl`, a live, properly aligned `libc::flock`.
+        i64::from(unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl as *const libc::flock) })
+    })
+    .map(|_| ())
+}
+
+/// `fcntl(F_OFD_GETLK)`: would a lock of type `ty` on `len` bytes at `start` conflict with
+/// a lock held through another open file description? Returns the type of a conflicting
+/// lock, or `None`. Locks held through `file`'s own description never conflict.
+pub(crate) fn ofd_getlk(
+    file: &File,
+    start: u64,
+    len: u64,
+    ty: LockType,
+) -> io::Result<Option<LockType>> {
+    let mut fl = flock_for(start, len, ty)?;
+    let fd = file.as_raw_fd();
+    retry(|| {
+        // SAFETY: `fd` is valid for the call; the kernel reads and writes one `struct flock`
+        // through the pointer, which points at `fl`, a live, aligned, exclusively borrowed
+        // `libc::flock`.
+        i64::from(unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl as *mut libc::flock) })
+    })?;
+    Ok(match i32::from(fl.l_type) {
+        libc::F_UNLCK => None,
+        libc::F_RDLCK => Some(LockType::Read),
+        _ => Some(LockType::Write),
+    })
+}
+
+/// `fcntl(F_GETFL)`: the access mode and status flags of the open file description.
+pub(crate) fn status_flags(file: &File) -> io::Result<i32> {
+    let fd = file.as_raw_fd();
+    // SAFETY: `fd` is valid for the call; F_GETFL takes no argument and touches no memory.
+    let r = retry(|| i64::from(unsafe { libc::fcntl(fd, libc::F_GETFL) }))?;
+    Ok(r as i32)
+}
+
+/// The C library's description of `errno` (`strerror_r`), e.g. "No such file or directory".
+pub(crate) fn strerror(code: i32) -> String {
+    let mut buf = [0 as libc::c_char; 256];
+    // SAFETY: `buf` is a live, writable array of the length passed; the XSI `strerror_r`
+    // (what the `libc` crate binds on Linux) writes at most that many bytes, NUL included.
+    let r = unsafe { libc::strerror_r(code, buf.as_mut_ptr(), buf.len()) };
+    if r != 0 {
+        return format!("Unknown error {code}");
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated string (see above).
+    let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    s.to_string_lossy().into_owned()
 }

@@ -115,3 +115,21 @@ fn direct_mode_on_a_device_roundtrips_unaligned() {
         assert_eq!(s.len().unwrap(), SIZE, "a device never changes size");
     });
 }
+
+#[test]
+fn image_locks_on_a_device_node() {
+    use host_io::{raw_os_error_of, LockRequest, LOCK_CONFLICT_ERRNO};
+    with_loop("bdev-lock", |lo| {
+        let w = FileOptions::new().lock(Some(LockRequest::WRITER));
+        let a = FileStorage::open(&lo.dev, &w).unwrap();
+        let e = FileStorage::open(&lo.dev, &w).unwrap_err();
+        assert_eq!(raw_os_error_of(&e), Some(LOCK_CONFLICT_ERRNO), "{e}");
+        // Formatting a device in use is refused too (create_new never truncates a device,
+        // but it must not write a new image over one in use either).
+        let e = FileStorage::open(&lo.dev, &FileOptions::create_new()).unwrap_err();
+        assert_eq!(raw_os_error_of(&e), Some(LOCK_CONFLICT_ERRNO), "{e}");
+        drop(a);
+        let s = FileStorage::open(&lo.dev, &FileOptions::create_new()).unwrap();
+        assert_eq!(s.len().unwrap(), SIZE, "a device is not truncated");
+    });
+}

@@ -8,8 +8,10 @@ use thiserror::Error;
 /// Anything the engine can fail with.
 #[derive(Debug, Error)]
 pub enum Error {
-    /// The host storage failed; `context` says what the engine was doing.
-    #[error("{context}: {source}")]
+    /// The host storage failed; `context` says what the engine was doing (empty when the
+    /// host error already says it, e.g. "Could not open 'PATH': ..."). Worded as a C
+    /// library would: the errno's `strerror` text, no " (os error N)".
+    #[error("{}", io_text(context, source))]
     Io {
         /// What was being done.
         context: String,
@@ -35,10 +37,25 @@ pub enum Error {
     /// A limit of the format was hit (L1 or refcount table size, refcount width).
     #[error("too large: {0}")]
     TooLarge(String),
+    /// The image is in use: another process or handle holds an image lock that conflicts
+    /// with this open (QEMU's image locking). The message names the image, the
+    /// permission and the way out; errno `EBUSY`.
+    #[error("{0}")]
+    InUse(String),
     /// The handle failed earlier (an internal error interrupted a metadata update); it
     /// refuses all I/O.
     #[error("image handle failed: {0}")]
     Failed(String),
+}
+
+/// "context: text" (just the text without a context), with the C library's errno text.
+fn io_text(context: &str, source: &io::Error) -> String {
+    let text = host_io::error_text(source);
+    if context.is_empty() {
+        text
+    } else {
+        format!("{context}: {text}")
+    }
 }
 
 /// Result alias for the engine.
@@ -55,6 +72,7 @@ impl Error {
             Error::Unsupported(_) => 95, // ENOTSUP
             Error::ReadOnly(_) => 30,    // EROFS
             Error::TooLarge(_) => 27,    // EFBIG
+            Error::InUse(_) => host_io::LOCK_CONFLICT_ERRNO,
             Error::Failed(_) => libc_eio(),
         }
     }

@@ -2,18 +2,19 @@
 //! request runs in — plan under the metadata lock, execute without it, commit — with the
 //! claims that keep overlapping plans apart and the failed state a panic leaves behind.
 
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
-use host_io::{FileOptions, FileStorage, Storage};
+use host_io::{FileStorage, Locking, Storage};
 use qcow2_format::{CompressionType, Geometry};
 
 use crate::changes::{ChangeKind, Changes, ContentWatcher};
-use crate::error::{Error, Result};
+use crate::error::{invalid_arg, Error, Result};
 use crate::lifecycle::backing::Backing;
 use crate::meta::{FastMap, Meta, OnFree};
-use crate::options::{parse_bool, parse_size, split_options, CacheOptions};
+use crate::options::{format_size, parse_bool, parse_size, split_options, CacheOptions};
 use crate::plan::{Commit, Plan};
 use crate::provision::policy::{DiscardOptions, FreeReason, Policy};
 use crate::request::claims::Claims;
@@ -35,6 +36,13 @@ pub struct OpenOptions {
     /// a read/write open of an image with the corrupt bit set is allowed, guest writes
     /// stay refused, and a repair that leaves no corruption clears the bit.
     pub check: bool,
+    /// QEMU's image locks (`locking`, alias `file.locking`): `Auto` (the default) and `On`
+    /// take them on the image and its backing files; `Off` neither takes nor tests them.
+    pub locking: Locking,
+    /// QEMU's `force-share` (qemu-img's `-U`): a read-only open that shares every
+    /// permission, so it coexists with a writer (and may read inconsistent data).
+    /// Read-only opens only.
+    pub force_share: bool,
     /// `quarantine-slack`: how many bytes the file may grow past what immediate reuse of
     /// freed clusters would leave, while they wait for one barrier to release them all.
     /// `None`: a sixteenth of the virtual size. `Some(0)`: reuse as soon as needed (one
@@ -45,7 +53,8 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// Parse `key=value,...` runtime options: `read-only`, `cache.direct`,
     /// `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, `quarantine-slack`,
-    /// and the discard options (`discard`, `pass-discard-request|snapshot|other`, `discard-no-unref`,
+    /// `locking` (alias `file.locking`: on, off, auto), `force-share`, and the discard
+    /// options (`discard`, `pass-discard-request|snapshot|other`, `discard-no-unref`,
     /// `detect-zeroes`, `provision`). Unknown keys are an error.
     pub fn parse(s: &str) -> Result<OpenOptions> {
         let mut o = OpenOptions::default();
@@ -58,11 +67,27 @@ impl OpenOptions {
                 "l2-cache-entry-size" => o.cache.l2_cache_entry_size = parse_size(&k, &v)?,
                 "refcount-cache-size" => o.cache.refcount_cache_size = parse_size(&k, &v)?,
                 "quarantine-slack" => o.quarantine_slack = Some(parse_size(&k, &v)?),
-                _ => return Err(crate::error::invalid_arg!("unknown open option '{k}'")),
+                "locking" | "file.locking" => {
+                    o.locking = match v.as_str() {
+                        "on" => Locking::On,
+                        "off" => Locking::Off,
+                        "auto" => Locking::Auto,
+                        _ => return Err(invalid_arg!("{k}: '{v}' is not on, off or auto")),
+                    }
+                }
+                "force-share" => o.force_share = parse_bool(&k, &v)?,
+                _ => return Err(invalid_arg!("unknown open option '{k}'")),
             }
         }
         Ok(o)
     }
+}
+
+/// Refuse bad option combinations before the file is touched (an option error is
+/// `EINVAL` even for an image in use). Version-dependent rules wait for the header.
+fn check_options(opts: &OpenOptions) -> Result<()> {
+    crate::lifecycle::locking::validate(opts)?;
+    opts.discard.resolve(3).map(|_| ())
 }
 
 /// What an open image reports about itself.
@@ -107,6 +132,15 @@ pub struct ImageInfo {
     pub policy: String,
     /// The effective policy in structured form.
     pub mode: crate::provision::policy::Mode,
+    /// `detect-zeroes` in force.
+    pub detect_zeroes: crate::provision::policy::DetectZeroes,
+    /// Every runtime option in force, as `key=value,...` that [`OpenOptions::parse`]
+    /// accepts: the discard policy, `detect-zeroes`, `pass-discard-snapshot|other`,
+    /// `read-only`, `cache.direct`, `locking` (`on` when locks are held), `force-share`,
+    /// the effective cache sizes and `quarantine-slack`.
+    pub options: String,
+    /// Whether QEMU's image locks are held on the image file.
+    pub locked: bool,
 }
 
 /// Counters an open image keeps about its own work on the host.
@@ -178,6 +212,10 @@ pub struct Image {
     pub(crate) fast: Arc<FastMap>,
     /// The `quarantine-slack` option, if given (else it follows the virtual size).
     pub(crate) quarantine_slack: Option<u64>,
+    /// The options the image was opened with.
+    pub(crate) opts: OpenOptions,
+    /// Whether image locks are held on the image file.
+    pub(crate) locked: bool,
 }
 
 impl std::fmt::Debug for Image {
@@ -191,24 +229,52 @@ impl std::fmt::Debug for Image {
 }
 
 impl Image {
-    /// Open the image at `path` (regular file or block device).
+    /// Open the image at `path` (regular file or block device), taking QEMU's image locks
+    /// on it and its backing files (see [`OpenOptions::locking`]): an image in use
+    /// elsewhere is refused with [`Error::InUse`].
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        check_options(opts)?;
         let path = path.as_ref();
-        let fo = FileOptions::new()
-            .read_only(opts.read_only)
-            .direct(opts.direct);
-        let storage = FileStorage::open(path, &fo)
-            .map_err(Error::io_lazy(|| format!("opening '{}'", path.display())))?;
+        let storage =
+            FileStorage::open(path, &crate::lifecycle::locking::file_options(opts, false))
+                .map_err(|e| crate::lifecycle::locking::open_error(e, None))?;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        Self::open_storage_in_chain(
+        Self::open_file(storage, opts, canon)
+    }
+
+    /// Open the image on a descriptor the caller already has, taking ownership of it (see
+    /// [`FileStorage::from_fd`] for what the descriptor must allow). Locks as
+    /// [`open`](Self::open); relative backing file names resolve against the directory
+    /// of the file the descriptor refers to.
+    pub fn open_fd(fd: OwnedFd, opts: &OpenOptions) -> Result<Image> {
+        check_options(opts)?;
+        let storage =
+            FileStorage::from_fd(fd, &crate::lifecycle::locking::file_options(opts, false))
+                .map_err(|e| crate::lifecycle::locking::open_error(e, None))?;
+        let path = storage.path().to_path_buf();
+        Self::open_file(storage, opts, path)
+    }
+
+    fn open_file(
+        storage: FileStorage,
+        opts: &OpenOptions,
+        canon: std::path::PathBuf,
+    ) -> Result<Image> {
+        let locked = storage.held_lock().is_some();
+        let mut img = Self::open_storage_in_chain(
             Arc::new(storage),
             opts,
             canon.parent(),
             std::slice::from_ref(&canon),
-        )
+        )?;
+        img.locked = locked;
+        Ok(img)
     }
 
-    /// Open an image on any storage; `dir` resolves a relative backing file name.
+    /// Open an image on any storage; `dir` resolves a relative backing file name. No
+    /// image lock is taken on `storage` (lock a `FileStorage` yourself with
+    /// [`FileStorage::lock`]); backing files opened by name are locked as in
+    /// [`open`](Self::open).
     pub fn open_storage(
         storage: Arc<dyn Storage>,
         opts: &OpenOptions,
@@ -403,7 +469,29 @@ impl Image {
             write_zeroes_alignment: self.geo.subcluster_size(),
             policy: st.policy.describe(),
             mode: st.policy.mode,
+            detect_zeroes: st.policy.detect_zeroes,
+            options: self.runtime_options(&st),
+            locked: self.locked,
         }
+    }
+
+    /// See [`ImageInfo::options`].
+    fn runtime_options(&self, st: &State) -> String {
+        let on = |b: bool| if b { "on" } else { "off" };
+        let (l2_entry, l2_entries, rb_entry, rb_entries) = st.meta.cache_geometry();
+        format!(
+            "{},read-only={},cache.direct={},locking={},force-share={},l2-cache-size={},\
+             l2-cache-entry-size={},refcount-cache-size={},quarantine-slack={}",
+            st.policy.describe_all(),
+            on(self.read_only),
+            on(self.opts.direct),
+            on(self.locked),
+            on(self.opts.force_share),
+            format_size(l2_entry * l2_entries),
+            format_size(l2_entry),
+            format_size(rb_entry * rb_entries),
+            format_size(self.quarantine_slack.unwrap_or(self.virtual_size() / 16)),
+        )
     }
 
     /// Counters about the image's host work.
@@ -420,13 +508,15 @@ impl Image {
         })
     }
 
-    /// Change the discard / write-zeroes options of an open image (like QEMU's reopen).
-    /// The string replaces all discard options; unset ones take their defaults. Other keys
-    /// are refused. Pending host discards are issued under the old policy first.
+    /// Change the discard / write-zeroes options of an open image (like QEMU's reopen):
+    /// the keys given replace their current values, the others keep theirs
+    /// ([`DiscardOptions::merged`]: `provision` and QEMU's `discard` family replace each
+    /// other). Other keys are refused; on error nothing changes. Pending host discards are
+    /// issued under the old policy first.
     pub fn set_options(&self, options: &str) -> Result<()> {
         let d = DiscardOptions::parse(options)?;
         let mut st = self.lock_quiet()?;
-        let policy = d.resolve(self.version)?;
+        let policy = st.policy.options.merged(d).resolve(self.version)?;
         if !self.read_only {
             st.meta.release_quarantine()?;
             st.meta.run_deferred_discards();

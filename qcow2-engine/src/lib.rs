@@ -13,10 +13,10 @@
 //! | `request/` | guest requests, each planned under the lock: `read`, `write`, `zero` (discard and write-zeroes), `status` (block status, map), `claims` |
 //! | `plan.rs` | a planned request as a value: host I/O, pins, claims, commit edits |
 //! | `exec/` | executors that carry out plans (`sync`), decompression |
-//! | `meta/` | metadata components: header, mapping (L1, L2 cache, lock-free entry cache), refcounts, allocator and quarantine, write-back order, host-op queue, overlap regions |
+//! | `meta/` | metadata components: header, mapping (L1, L2 cache, lock-free entry cache), refcounts, allocator and quarantine, write-back order, host-op queue, overlap regions; the highest allocated offset |
 //! | `provision/` | the discard / write-zeroes policy and the pure per-cluster decision |
 //! | `integrity/` | the L1/L2 walker, check, repair |
-//! | `lifecycle/` | open, create, resize, backing files |
+//! | `lifecycle/` | open (and the image locks it takes), create, resize, backing files |
 //! | `changes.rs` | the one point where every content change is announced |
 //!
 //! ## Locking, ordering and durability (the protocol, in one place)
@@ -81,10 +81,11 @@ mod request;
 
 pub use changes::{ChangeKind, ContentWatcher};
 pub use error::{Error, Result};
+pub use host_io::Locking;
 pub use image::{Image, ImageInfo, ImageStats, OpenOptions};
 pub use integrity::check::{CheckReport, Repair};
 pub use lifecycle::backing::MAX_BACKING_DEPTH;
-pub use lifecycle::create::{create, create_on};
+pub use lifecycle::create::{create, create_fd, create_on};
 pub use options::{CacheOptions, CreateOptions, Preallocation};
 pub use provision::policy::{DetectZeroes, DiscardOptions, Layer, Mode, Policy, Provision};
 pub use request::status::{BlockStatus, MapEntry};

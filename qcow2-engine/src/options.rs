@@ -115,6 +115,36 @@ pub fn parse_size(key: &str, v: &str) -> Result<u64> {
         .ok_or_else(|| invalid_arg!("{key}: '{v}' overflows 64 bits"))
 }
 
+/// A byte count in the form [`parse_size`] reads and users write: the largest binary
+/// suffix that divides it exactly ("64k", "1M", "100T"), else plain bytes ("1000").
+pub fn format_size(bytes: u64) -> String {
+    for (shift, suffix) in [
+        (60, 'E'),
+        (50, 'P'),
+        (40, 'T'),
+        (30, 'G'),
+        (20, 'M'),
+        (10, 'k'),
+    ] {
+        if bytes != 0 && bytes.trailing_zeros() >= shift {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// The error for a virtual size beyond what the geometry's largest L1 table (32 MiB, QEMU's
+/// limit) maps, with sizes as users write them.
+pub(crate) fn size_too_large(size: u64, geo: &qcow2_format::Geometry) -> crate::error::Error {
+    crate::error::Error::TooLarge(format!(
+        "size {} is too large for cluster_size {}: at most {} (QEMU's limit of a 32M L1 \
+         table); use a larger cluster size",
+        format_size(size),
+        format_size(geo.cluster_size()),
+        format_size(geo.max_virtual_size())
+    ))
+}
+
 /// Parse a boolean as QEMU does (on/off, true/false, yes/no).
 pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
@@ -249,6 +279,14 @@ mod tests {
         assert_eq!(parse_size("s", "512").unwrap(), 512);
         assert!(parse_size("s", "12q").is_err());
         assert!(parse_size("s", "99999999999E").is_err());
+    }
+
+    #[test]
+    fn sizes_print_as_written() {
+        for s in ["64k", "1M", "1536M", "100T", "1000", "0", "15E", "3k"] {
+            assert_eq!(format_size(parse_size("s", s).unwrap()), s);
+        }
+        assert_eq!(format_size(1 << 30), "1G");
     }
 
     #[test]

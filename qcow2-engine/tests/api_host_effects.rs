@@ -25,8 +25,8 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::prov::*;
 use qcow2_engine::{create, CreateOptions, Image, Layer, OpenOptions, Provision};
+use support::prov::*;
 use support::*;
 
 const CS: u64 = 65536;

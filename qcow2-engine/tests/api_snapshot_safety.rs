@@ -15,8 +15,8 @@ mod support;
 
 use std::path::Path;
 
-use support::prov::*;
 use qcow2_engine::{Image, OpenOptions};
+use support::prov::*;
 use support::*;
 
 const CS: u64 = 65536;

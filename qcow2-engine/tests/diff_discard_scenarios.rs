@@ -27,8 +27,8 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::prov::*;
 use qcow2_engine::{Error, Image, OpenOptions};
+use support::prov::*;
 use support::*;
 
 /// QEMU's option sets the scenarios run under.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use host_io::{FileOptions, FileStorage, Storage};
+use host_io::{FileStorage, Storage};
 
 use crate::error::{invalid_arg, Error, Result};
 use crate::image::{Image, OpenOptions};
@@ -77,7 +77,7 @@ pub(crate) fn open_backing(
     }
     let path = resolve(name, image_dir);
     let canon = std::fs::canonicalize(&path).map_err(Error::io_lazy(|| {
-        format!("opening backing file '{}'", path.display())
+        format!("Could not open backing file '{}'", path.display())
     }))?;
     if chain.contains(&canon) {
         return Err(invalid_arg!(
@@ -85,13 +85,11 @@ pub(crate) fn open_backing(
             canon.display()
         ));
     }
-    let storage = FileStorage::open(
-        &canon,
-        &FileOptions::new().read_only(true).direct(opts.direct),
-    )
-    .map_err(Error::io_lazy(|| {
-        format!("opening backing file '{}'", canon.display())
-    }))?;
+    // Locked as a read-only open (QEMU's COW child): nobody may write or resize it.
+    let storage = FileStorage::open(&canon, &crate::lifecycle::locking::file_options(opts, true))
+        .map_err(|e| {
+        crate::lifecycle::locking::open_error(e, Some("Could not open backing file"))
+    })?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let fmt = match fmt {
         Some(f) => std::str::from_utf8(f).unwrap_or("").to_string(),

@@ -49,9 +49,26 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
     .map_err(Error::io_lazy(|| {
         format!("resolving the directory of '{}'", path.display())
     }))?;
+    // Locked (as qemu-img create) before a regular file is truncated: an image in use is
+    // refused with `Error::InUse`, never clobbered.
     let storage = FileStorage::open(path, &FileOptions::create_new())
-        .map_err(Error::io_lazy(|| format!("creating '{}'", path.display())))?;
+        .map_err(|e| crate::lifecycle::locking::open_error(e, None))?;
     create_on(Arc::new(storage), opts, Some(&dir))
+}
+
+/// Format the file or block device behind a descriptor the caller already has (taking
+/// ownership of it; see [`FileStorage::from_fd`]): locked and truncated as [`create`]
+/// does. Relative backing file names resolve against the directory of that file.
+pub fn create_fd(fd: std::os::fd::OwnedFd, opts: &CreateOptions) -> Result<()> {
+    opts.validate()?;
+    let fo = FileOptions {
+        create: false,
+        ..FileOptions::create_new()
+    };
+    let storage = FileStorage::from_fd(fd, &fo)
+        .map_err(|e| crate::lifecycle::locking::open_error(e, None))?;
+    let dir = storage.path().parent().map(Path::to_path_buf);
+    create_on(Arc::new(storage), opts, dir.as_deref())
 }
 
 /// Create an image on any storage; `dir` resolves a relative backing file name.
@@ -67,7 +84,14 @@ pub fn create_on(
         (Some(s), _) => s,
         (None, Some(name)) => {
             let fmt = opts.backing_fmt.as_deref().map(str::as_bytes);
-            let b: Backing = open_backing(name.as_bytes(), fmt, dir, &[], &OpenOptions::default())?;
+            // Only the size is read: force-share, as qemu-img create, so that an overlay can
+            // be made over a base image in use.
+            let probe = OpenOptions {
+                read_only: true,
+                force_share: true,
+                ..OpenOptions::default()
+            };
+            let b: Backing = open_backing(name.as_bytes(), fmt, dir, &[], &probe)?;
             b.size()
         }
         (None, None) => return Err(invalid_arg!("size: an image size is required")),
@@ -77,7 +101,7 @@ pub fn create_on(
         .map(|s| s & !511)
         .ok_or_else(|| invalid_arg!("size {size} is too large"))?;
     geo.check_virtual_size(size)
-        .map_err(|e| Error::TooLarge(e.to_string()))?;
+        .map_err(|_| crate::options::size_too_large(size, &geo))?;
     let cs = geo.cluster_size();
     let l1_entries = geo.l1_entries_for(size);
     // An empty disk has no L1 table at all (offset 0), as qemu-img makes it.

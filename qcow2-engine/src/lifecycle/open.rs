@@ -220,6 +220,8 @@ impl Image {
             free_gen,
             fast,
             quarantine_slack: opts.quarantine_slack,
+            opts: opts.clone(),
+            locked: false,
         };
         if dirty && !opts.read_only {
             // Refcounts may be stale (lazy refcounts, unclean shutdown): repair as QEMU

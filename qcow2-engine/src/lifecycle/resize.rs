@@ -23,7 +23,9 @@ impl Image {
         let cur = self.virtual_size();
         if new_size < cur {
             return Err(Error::Unsupported(format!(
-                "shrinking an image ({cur} -> {new_size} bytes)"
+                "shrinking an image ({} -> {})",
+                crate::options::format_size(cur),
+                crate::options::format_size(new_size)
             )));
         }
         if new_size == cur {
@@ -35,7 +37,7 @@ impl Image {
             ));
         }
         geo.check_virtual_size(new_size)
-            .map_err(|e| Error::TooLarge(e.to_string()))?;
+            .map_err(|_| crate::options::size_too_large(new_size, &geo))?;
         st.changes.announce(cur, new_size - cur, ChangeKind::Resize);
         let m = &mut st.meta;
         let need = geo.l1_entries_for(new_size) as usize;

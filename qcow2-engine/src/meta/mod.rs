@@ -24,6 +24,7 @@ mod mapping;
 mod order;
 mod refcounts;
 mod regions;
+mod report;
 mod tables;
 
 use std::sync::atomic::AtomicU64;

@@ -164,6 +164,35 @@ impl DiscardOptions {
         Ok(o)
     }
 
+    /// `self` with the keys given in `newer` replaced, the others kept (QEMU's reopen keeps
+    /// options that are not given). `provision` and QEMU's `discard`,
+    /// `pass-discard-request` and `discard-no-unref` set the same two layers, so giving one
+    /// family drops the other's keys; giving both at once stays an error (in `resolve`).
+    pub fn merged(self, newer: DiscardOptions) -> DiscardOptions {
+        let mut m = self;
+        if newer.provision.is_some() {
+            m.discard = None;
+            m.pass_request = None;
+            m.discard_no_unref = None;
+        }
+        if newer.qemu_style() {
+            m.provision = None;
+        }
+        fn keep<T>(old: &mut Option<T>, new: Option<T>) {
+            if new.is_some() {
+                *old = new;
+            }
+        }
+        keep(&mut m.discard, newer.discard);
+        keep(&mut m.pass_request, newer.pass_request);
+        keep(&mut m.pass_snapshot, newer.pass_snapshot);
+        keep(&mut m.pass_other, newer.pass_other);
+        keep(&mut m.discard_no_unref, newer.discard_no_unref);
+        keep(&mut m.detect_zeroes, newer.detect_zeroes);
+        keep(&mut m.provision, newer.provision);
+        m
+    }
+
     /// Whether any QEMU-style discard key was given.
     fn qemu_style(&self) -> bool {
         self.discard.is_some() || self.pass_request.is_some() || self.discard_no_unref.is_some()
@@ -222,6 +251,7 @@ impl DiscardOptions {
             ));
         }
         Ok(Policy {
+            options: *self,
             mode,
             detect_zeroes,
             pass_snapshot: self.pass_snapshot.unwrap_or(true),
@@ -249,6 +279,8 @@ pub enum Mode {
 /// The effective discard / write-zeroes policy of an open image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
+    /// The options this policy was resolved from (what `set_options` merges into).
+    pub options: DiscardOptions,
     /// Which semantics.
     pub mode: Mode,
     /// `detect-zeroes`.
@@ -330,6 +362,24 @@ impl Policy {
             Mode::Qemu { .. } => true,
             Mode::Provision(p) => p.layers().1 != Layer::Unmap,
         }
+    }
+
+    /// Every option of the policy in force, as `key=value,...` that reproduces it: the
+    /// [`describe`](Self::describe) part, then `detect-zeroes`, `pass-discard-snapshot`
+    /// and `pass-discard-other`.
+    pub fn describe_all(&self) -> String {
+        let on = |b: bool| if b { "on" } else { "off" };
+        let dz = match self.detect_zeroes {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        };
+        format!(
+            "{},detect-zeroes={dz},pass-discard-snapshot={},pass-discard-other={}",
+            self.describe(),
+            on(self.pass_snapshot),
+            on(self.pass_other)
+        )
     }
 
     /// Short description, e.g. `provision=metadata` or `discard=unmap,discard-no-unref=on`.
@@ -433,6 +483,38 @@ mod tests {
             .unwrap();
         assert!(DiscardOptions::parse("provision=sparse").is_err());
         assert!(DiscardOptions::parse("bogus=1").is_err());
+    }
+
+    #[test]
+    fn merge_keeps_keys_not_given() {
+        let p = |s: &str| DiscardOptions::parse(s).unwrap();
+        let m = p("provision=thin").merged(p("detect-zeroes=on"));
+        let r = m.resolve(3).unwrap();
+        assert_eq!(r.mode, Mode::Provision(Provision::Thin), "provision kept");
+        assert_eq!(r.detect_zeroes, DetectZeroes::On);
+        // One family replaces the other.
+        let m = p("provision=thin,pass-discard-other=on").merged(p("discard=unmap"));
+        let r = m.resolve(3).unwrap();
+        assert!(matches!(r.mode, Mode::Qemu { unmap: true, .. }));
+        assert!(r.pass_other, "independent keys kept");
+        let m = p("discard=unmap,discard-no-unref=on").merged(p("provision=reuse"));
+        assert_eq!(
+            m.resolve(3).unwrap().mode,
+            Mode::Provision(Provision::Reuse)
+        );
+        // Nothing given changes nothing; both families at once is still refused.
+        assert_eq!(p("provision=full").merged(p("")), p("provision=full"));
+        assert!(p("provision=full")
+            .merged(p("provision=thin,discard=unmap"))
+            .resolve(3)
+            .is_err());
+        assert_eq!(
+            p("detect-zeroes=unmap,provision=thin")
+                .resolve(3)
+                .unwrap()
+                .describe_all(),
+            "provision=thin,detect-zeroes=unmap,pass-discard-snapshot=on,pass-discard-other=off"
+        );
     }
 
     #[test]
