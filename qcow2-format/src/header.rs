@@ -159,6 +159,17 @@ impl Header {
     /// Check every field against the format and QEMU's limits. File-size-dependent checks
     /// (tables past the end of the file) belong to the engine.
     pub fn validate(&self) -> Result<()> {
+        self.validate_fields(true)
+    }
+
+    /// As [`Header::validate`], but an image without a refcount table
+    /// (`refcount_table_clusters` 0) passes: QEMU opens one for check and repair only
+    /// (`BDRV_O_CHECK`), where a repair rebuilds the table.
+    pub fn validate_for_check(&self) -> Result<()> {
+        self.validate_fields(false)
+    }
+
+    fn validate_fields(&self, require_reftable: bool) -> Result<()> {
         if self.version == 2 && self.refcount_order != 4 {
             return Err(invalid(
                 "refcount_order",
@@ -218,7 +229,7 @@ impl Header {
         if self.l1_size > 0 {
             geo.check_table_offset("l1_table_offset", self.l1_table_offset)?;
         }
-        if self.refcount_table_clusters == 0 {
+        if require_reftable && self.refcount_table_clusters == 0 {
             return Err(invalid(
                 "refcount_table_clusters",
                 0,

@@ -21,7 +21,18 @@ impl HeaderArea {
     /// Parse and validate from the first bytes of the image (at least the header; the
     /// extension area and backing name are read as far as `buf` and the cluster allow).
     pub fn parse(buf: &[u8]) -> Result<HeaderArea> {
-        let header = Header::parse(buf)?;
+        Self::parse_with(Header::parse(buf)?, buf)
+    }
+
+    /// As [`HeaderArea::parse`], validating the header with
+    /// [`Header::validate_for_check`] (an image without a refcount table passes).
+    pub fn parse_for_check(buf: &[u8]) -> Result<HeaderArea> {
+        let header = Header::decode(buf)?;
+        header.validate_for_check()?;
+        Self::parse_with(header, buf)
+    }
+
+    fn parse_with(header: Header, buf: &[u8]) -> Result<HeaderArea> {
         let cs = 1usize << header.cluster_bits;
         let area = &buf[..buf.len().min(cs)];
         let ext_end = if header.backing_file_offset != 0 {
