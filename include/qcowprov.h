@@ -50,9 +50,14 @@
 #define QCOWPROV_OPEN_NO_BACKING 4
 
 /**
- * Open for `qcowprov_check` with a fix flag (QEMU's `BDRV_O_CHECK`, as `qemu-img check -r`):
- * an image with the corrupt bit set opens read/write, guest writes stay refused with
- * `-EIO`, and a repair that leaves no corruption clears the bit.
+ * Open for `qcowprov_check` (QEMU's `BDRV_O_CHECK`, as `qemu-img check` opens): damage
+ * only a repair can mend does not refuse the open (no refcount table, refcount blocks
+ * past the end of the file or unaligned, colliding tables); with
+ * `QCOWPROV_OPEN_RDONLY` for a check that only reports, without it for a repair. A
+ * read/write check-open of such an image (or one with the corrupt bit set) refuses guest
+ * writes with `-EIO` until a repair leaves no corruption; that repair clears the corrupt
+ * bit (and an earlier writer's dirty bit). A dirty image is not repaired at a
+ * check-open (a read/write open without this flag repairs it, as QEMU does).
  */
 #define QCOWPROV_OPEN_CHECK 8
 

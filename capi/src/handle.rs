@@ -17,9 +17,14 @@ pub const QCOWPROV_OPEN_RDONLY: u32 = 1;
 pub const QCOWPROV_OPEN_DIRECT: u32 = 2;
 /// Do not open the backing file: unallocated ranges then read as zeros.
 pub const QCOWPROV_OPEN_NO_BACKING: u32 = 4;
-/// Open for `qcowprov_check` with a fix flag (QEMU's `BDRV_O_CHECK`, as `qemu-img check -r`):
-/// an image with the corrupt bit set opens read/write, guest writes stay refused with
-/// `-EIO`, and a repair that leaves no corruption clears the bit.
+/// Open for `qcowprov_check` (QEMU's `BDRV_O_CHECK`, as `qemu-img check` opens): damage
+/// only a repair can mend does not refuse the open (no refcount table, refcount blocks
+/// past the end of the file or unaligned, colliding tables); with
+/// `QCOWPROV_OPEN_RDONLY` for a check that only reports, without it for a repair. A
+/// read/write check-open of such an image (or one with the corrupt bit set) refuses guest
+/// writes with `-EIO` until a repair leaves no corruption; that repair clears the corrupt
+/// bit (and an earlier writer's dirty bit). A dirty image is not repaired at a
+/// check-open (a read/write open without this flag repairs it, as QEMU does).
 pub const QCOWPROV_OPEN_CHECK: u32 = 8;
 /// Share the image with writers (QEMU's `force-share=on`, `qemu-img -U`): a read-only
 /// open that neither blocks nor is blocked by a writer's lock; what it reads may change

@@ -476,14 +476,16 @@ fn every_content_change_is_announced() {
     img.discard(3 * cs, cs).unwrap();
     assert!(rec.take().is_empty(), "an ignored discard changes nothing");
     img.flush().unwrap();
-    // Repair: an L2 entry with a reserved bit is dropped by a full repair.
+    // Repair: an unaligned preallocated zero cluster becomes a plain zero cluster in a
+    // full repair (qemu-img's one repair of an L2 entry).
     img.close().unwrap();
     let mut bytes = mem.to_vec();
     let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
     let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
         as usize;
     let e = 3 * 8 + l2;
-    bytes[e + 7] |= 0x02; // reserved bit 1
+    bytes[e + 6] |= 0x2a; // offset + 0x2a00: unaligned
+    bytes[e + 7] |= 0x01; // the zero flag: no data to lose
     let mem = Arc::new(MemStorage::from_vec(bytes));
     let img = Image::open_storage(
         mem,

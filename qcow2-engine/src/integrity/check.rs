@@ -1,16 +1,24 @@
-//! Consistency check with qemu-img check's rules and counters: count every reference the
-//! metadata makes (header, tables, L2 tables, data, compressed ranges, refcount
-//! structures, persistent bitmaps) and compare with the stored refcounts; check COPIED
-//! flags and entries. Memory is one u32 per host cluster of the file; L2 tables are read
-//! one at a time.
+//! Consistency check and repair with qemu-img check's rules, counters and order: count
+//! every reference the metadata makes (`count`), compare with the stored refcounts
+//! (`stored`), rebuild the refcount structures when a used cluster has none (`repair`),
+//! then check the COPIED flags (`copied`). Memory is one u32 per host cluster of the
+//! file; L2 tables are read one at a time.
+//!
+//! Where qemu-img repairs, the repair gives its result: the same counters and exit code,
+//! the same layout of rebuilt structures, the leaks a rebuild leaves repaired in the same
+//! run. Where qemu-img leaves an entry alone (a damaged L1 entry, an unaligned cluster
+//! holding data) it stays, so what the guest reads never changes. Two deliberate
+//! differences, both where qemu-img fails or grows the file: a refcount block past the
+//! end of the file is rebuilt away instead of growing the file to it (counted as
+//! qemu-img counts), and an unaligned refcount block is rebuilt in one run where
+//! qemu-img's own overlap check stops it half-way (needing a second run).
 
-use qcow2_format::l2::OFLAG_COPIED;
-use qcow2_format::{refcount, ClusterKind, L1Entry, L2Entry};
-
-use crate::error::{Error, Result};
+use crate::changes::ChangeKind;
+use crate::error::{corrupt, Error, Result};
 use crate::image::Image;
-use crate::integrity::walk::{self, L1Table, Visitor};
-use crate::meta::{Meta, Which};
+use crate::integrity::count::{count_refs, Counted};
+use crate::integrity::stored::{set_stored_refcount, stored_refcount};
+use crate::meta::{Meta, OnFree};
 
 /// How much `check` may repair (qemu-img check's `-r`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,22 +27,24 @@ pub enum Repair {
     None,
     /// Fix leaked clusters (refcount larger than the references).
     Leaks,
-    /// Fix everything: rebuild refcounts, fix COPIED flags, drop unkeepable references.
+    /// Fix what qemu-img check -r all fixes: refcounts (rebuilt when needed), COPIED
+    /// flags, unaligned preallocated clusters holding no data.
     All,
 }
 
 /// What a check found, with qemu-img check's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
-    /// Inconsistencies that can lose data (refcount below references, bad entries).
+    /// Inconsistencies found that can lose data (refcount below references, bad
+    /// entries), repaired or not.
     pub corruptions: u64,
-    /// Clusters whose refcount exceeds their references.
+    /// Clusters found whose refcount exceeds their references, repaired or not.
     pub leaks: u64,
     /// Corruptions repaired.
     pub corruptions_fixed: u64,
     /// Leaks repaired.
     pub leaks_fixed: u64,
-    /// Errors that stopped part of the check (I/O).
+    /// Errors that stopped part of the check (I/O, unreadable refcounts).
     pub check_errors: u64,
     /// Guest clusters in the virtual disk.
     pub total_clusters: u64,
@@ -63,14 +73,14 @@ impl CheckReport {
     }
 }
 
-/// An L2 entry the walk found unusable, for repair: (L1 index, L2 table offset, index).
-pub(crate) type BadEntry = (usize, u64, usize);
-
-/// The counted references.
-pub(crate) struct Refs {
-    pub refs: Vec<u32>,
-    pub bad_entries: Vec<BadEntry>,
-    pub bad_l1: Vec<usize>,
+/// What comparing stored refcounts with the count found.
+struct Compared {
+    /// A used cluster has refcount 0: the structures must be rebuilt.
+    rebuild: bool,
+    /// The last cluster with a reference or a refcount.
+    highest: u64,
+    /// Clusters whose refcount could not be read (unaligned refcount block).
+    unreadable: u64,
 }
 
 impl Image {
@@ -101,14 +111,22 @@ impl Image {
         let r = self.check_locked(&mut st, repair, progress);
         let m = &mut st.meta;
         match &r {
-            // As qemu-img: a repair that leaves no corruption makes the image trusted.
+            // As qemu-img: a repair that leaves no corruption makes the image trusted (and
+            // clean, if an earlier writer left it dirty), unless the metadata still
+            // collides somewhere the check does not count.
             Ok(rep)
                 if repair != Repair::None
                     && rep.corruptions <= rep.corruptions_fixed
                     && rep.check_errors == 0 =>
             {
+                let problems = crate::lifecycle::open::remap_regions(m)?;
                 let storage = m.storage.clone();
-                m.header.clear_corrupt(&*storage)?
+                m.header.clear_stale_dirty(&*storage)?;
+                if problems.is_empty() {
+                    m.header.clear_corrupt(&*storage)?
+                } else {
+                    m.header.restore_corrupt(true)
+                }
             }
             _ => m.header.restore_corrupt(was_corrupt),
         }
@@ -153,411 +171,193 @@ impl Image {
             total_clusters: self.virtual_size().div_ceil(self.geo.cluster_size()),
             ..Default::default()
         };
-        let counted = self.count_refs(m, &mut rep, progress, true)?;
-        self.compare_refcounts(m, &mut rep, &counted, repair)?;
-        if repair == Repair::All {
-            self.repair_all(st, &mut rep, &counted)?;
+        let fix_all = repair == Repair::All;
+        let mut counted = count_refs(m, &mut rep, progress, fix_all)?;
+        for &(off, len) in &counted.repaired {
+            st.changes.announce(off, len, ChangeKind::Repair);
         }
         let m = &mut st.meta;
-        self.check_copied(m, &mut rep, repair == Repair::All)?;
+        let before_compare = rep.clone();
+        let mut cmp = compare(m, &mut rep, &counted, Repair::None)?;
+        if (cmp.rebuild || counted.rebuild) && fix_all {
+            cmp = rebuild(m, &mut rep, &mut counted, cmp.unreadable)?;
+        } else if repair != Repair::None {
+            if cmp.rebuild || counted.rebuild {
+                rep.check_errors += 1;
+                return Err(corrupt!(
+                    "a cluster in use has refcount 0 or a refcount table entry is damaged: \
+                     the refcount structures need to be rebuilt (repair all); nothing was \
+                     changed"
+                ));
+            }
+            if rep.leaks > 0 || rep.corruptions > 0 {
+                rep = before_compare;
+                cmp = compare(m, &mut rep, &counted, repair)?;
+            }
+        }
+        // qemu-img repairs COPIED flags in a leaks-only repair only when nothing else
+        // is wrong (the refcounts are then right).
+        let copied_repair = fix_all
+            || (repair == Repair::Leaks
+                && rep.check_errors == 0
+                && rep.corruptions == 0
+                && rep.leaks == 0);
+        crate::integrity::copied::check_copied(m, &mut rep, copied_repair)?;
+        rep.image_end_offset = (cmp.highest + 1) * self.geo.cluster_size();
         if !m.read_only && repair != Repair::None {
             m.flush()?;
         }
+        // Found = still there + repaired.
+        rep.corruptions += rep.corruptions_fixed;
+        rep.leaks += rep.leaks_fixed;
         Ok(rep)
     }
-
-    /// Count every reference the metadata makes.
-    pub(crate) fn count_refs(
-        &self,
-        m: &mut Meta,
-        rep: &mut CheckReport,
-        progress: &mut dyn FnMut(u64, u64),
-        with_refcount_structures: bool,
-    ) -> Result<Refs> {
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        let file_len = m
-            .storage
-            .len()
-            .map_err(Error::io("reading the image length"))?;
-        let nb = geo.align_up(file_len) / cs;
-        let mut c = Counter {
-            refs: Refs {
-                refs: vec![0u32; nb as usize],
-                bad_entries: Vec::new(),
-                bad_l1: Vec::new(),
-            },
-            rep,
-            file_len,
-            cs,
-            progress,
-            done: 0,
-            total: walk::l2_tables(m, true, file_len)?,
-            sound: true,
-        };
-        let h = m.header.get().clone();
-        c.inc(0, cs, "header");
-        if with_refcount_structures {
-            c.inc(
-                h.refcount_table_offset,
-                u64::from(h.refcount_table_clusters) * cs,
-                "refcount table",
-            );
-        }
-        if h.nb_snapshots > 0 {
-            let len: u64 = m
-                .snapshots
-                .iter()
-                .map(|s| s.to_bytes().map(|b| b.len() as u64).unwrap_or(0))
-                .sum();
-            c.inc(h.snapshots_offset, len, "snapshot table");
-        }
-        {
-            let Counter { refs, rep, .. } = &mut c;
-            crate::integrity::bitmaps::bitmap_regions(
-                m,
-                rep,
-                file_len,
-                &mut |rep, off, len, what| count(refs, rep, file_len, cs, off, len, what),
-            )?;
-        }
-        for (i, &raw) in m.refcounts.table().to_vec().iter().enumerate() {
-            match refcount::reftable_entry(raw, &geo) {
-                Ok(0) => {}
-                Ok(off) if with_refcount_structures => c.inc(off, cs, "refcount block"),
-                Ok(_) => {}
-                Err(e) => {
-                    c.rep.corruptions += 1;
-                    c.rep.messages.push(format!(
-                        "ERROR refcount block {i}: {e}; refcount table entry corrupted"
-                    ));
-                }
-            }
-        }
-        walk::walk(m, true, file_len, &mut c)?;
-        Ok(c.refs)
-    }
-
-    /// Compare stored refcounts with the counted references; fix leaks if allowed.
-    pub(crate) fn compare_refcounts(
-        &self,
-        m: &mut Meta,
-        rep: &mut CheckReport,
-        r: &Refs,
-        repair: Repair,
-    ) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        // Clusters of the file (and a counted, partly allocated last one), as qemu-img.
-        let n = r.refs.len() as u64;
-        // A referenced cluster with refcount 0 means the refcount structures must be
-        // rebuilt, which only a full repair does; a leaks-only repair then changes nothing.
-        if repair == Repair::Leaks {
-            for c in 0..n {
-                if r.refs[c as usize] > 0 && matches!(m.refcount(c), Ok(0)) {
-                    rep.check_errors += 1;
-                    return Err(Error::Corrupt(format!(
-                        "cluster {c} is in use but its refcount is 0: the refcount structures \
-                         need to be rebuilt (repair all); nothing was changed"
-                    )));
-                }
-            }
-        }
-        let mut highest = 0u64;
-        for c in 0..n {
-            let want = u64::from(r.refs.get(c as usize).copied().unwrap_or(0));
-            let have = match m.refcount(c) {
-                Ok(v) => v,
-                Err(_) => continue, // a bad refcount block, already reported
-            };
-            if have > 0 || want > 0 {
-                highest = c;
-            }
-            if have == want {
-                continue;
-            }
-            if have < want {
-                rep.corruptions += 1;
-                rep.messages.push(format!(
-                    "ERROR cluster {c} refcount={have} reference={want}"
-                ));
-            } else {
-                rep.leaks += 1;
-                rep.messages.push(format!(
-                    "Leaked cluster {c} refcount={have} reference={want}"
-                ));
-                if repair != Repair::None && m.refcounts.block_for(c)? != 0 {
-                    m.drop_leaked_refs(c, have - want)?;
-                    rep.leaks_fixed += 1;
-                    rep.messages.push(format!(
-                        "Repairing cluster {c} refcount={have} reference={want}"
-                    ));
-                }
-            }
-        }
-        rep.image_end_offset = (highest + 1) * cs;
-        Ok(())
-    }
-
-    /// COPIED must be set exactly where the refcount is 1 (active L1 and its L2 tables).
-    fn check_copied(&self, m: &mut Meta, rep: &mut CheckReport, fix: bool) -> Result<()> {
-        // The walk reads tables from the file: it must hold what the cache holds.
-        m.write_back(Which::L2)?;
-        let file_len = m
-            .storage
-            .len()
-            .map_err(Error::io("reading the image length"))?;
-        let mut v = CopiedCheck {
-            rep,
-            fix,
-            table_owned: false,
-        };
-        walk::walk(m, false, file_len, &mut v)
-    }
 }
 
-/// qemu-img's rule: a region ending a cluster or more past the end of the file is a
-/// corruption and is not counted; one ending less than a cluster past it is counted (the
-/// last cluster may be partly allocated).
-fn count(
-    r: &mut Refs,
+/// The rebuild branch of a full repair, as qemu-img: new structures from the count, a
+/// fresh count against them whose leaks (the old structures) are repaired without being
+/// reported, and the counters moved from found to repaired.
+fn rebuild(
+    m: &mut Meta,
     rep: &mut CheckReport,
-    file_len: u64,
-    cs: u64,
-    off: u64,
-    len: u64,
-    what: &str,
-) {
-    if len == 0 {
-        return;
+    counted: &mut Counted,
+    unreadable: u64,
+) -> Result<Compared> {
+    rep.messages.push("Rebuilding refcount structure".into());
+    // Refcounts that could not be read are rebuilt, not check errors (qemu-img stops
+    // there and needs a second run).
+    rep.check_errors -= unreadable;
+    let old = rep.clone();
+    crate::integrity::repair::rebuild_refcounts(m, &mut counted.refs)?;
+    let mut again = CheckReport::default();
+    let fresh = count_refs(m, &mut again, &mut |_, _| {}, false)?;
+    rep.messages.append(&mut again.messages);
+    rep.corruptions = again.corruptions;
+    rep.check_errors += again.check_errors;
+    rep.leaks = 0;
+    let mut leaks = CheckReport::default();
+    let cmp = compare(m, &mut leaks, &fresh, Repair::Leaks)?;
+    rep.messages.append(&mut leaks.messages);
+    if cmp.rebuild {
+        rep.messages
+            .push("ERROR rebuilt refcount structure is still broken".into());
     }
-    let end = off.saturating_add(len);
-    if end >= file_len.saturating_add(cs) {
-        rep.corruptions += 1;
-        rep.messages.push(format!(
-            "ERROR counting reference for region exceeding the end of the file by one \
-             cluster or more: {what} at offset {off:#x} size {len:#x}"
-        ));
-        return;
+    rep.check_errors += leaks.check_errors;
+    if rep.corruptions < old.corruptions {
+        rep.corruptions_fixed += old.corruptions - rep.corruptions;
     }
-    let (first, last) = (off / cs, (end - 1) / cs);
-    if r.refs.len() <= last as usize {
-        r.refs.resize(last as usize + 1, 0);
+    if rep.leaks < old.leaks {
+        rep.leaks_fixed += old.leaks - rep.leaks;
     }
-    for c in first..=last {
-        let v = &mut r.refs[c as usize];
-        *v = v.saturating_add(1);
-    }
+    rep.leaks += leaks.leaks;
+    Ok(cmp)
 }
 
-/// The reference counter: a walk visitor.
-struct Counter<'a> {
-    refs: Refs,
-    rep: &'a mut CheckReport,
-    file_len: u64,
-    cs: u64,
-    progress: &'a mut dyn FnMut(u64, u64),
-    done: u64,
-    total: u64,
-    /// The current L1 entry is sound (its table's bad entries may be repaired in place).
-    sound: bool,
-}
-
-impl Counter<'_> {
-    fn inc(&mut self, off: u64, len: u64, what: &str) {
-        count(
-            &mut self.refs,
-            self.rep,
-            self.file_len,
-            self.cs,
-            off,
-            len,
-            what,
-        );
-    }
-}
-
-impl Visitor for Counter<'_> {
-    fn l1_table(&mut self, _m: &mut Meta, t: &L1Table) -> Result<()> {
-        self.inc(t.offset, t.bytes, "L1 table");
-        Ok(())
-    }
-
-    fn l1_entry(&mut self, m: &mut Meta, t: &L1Table, i: usize) -> Result<Option<u64>> {
-        let raw = t.entries[i];
-        let e = L1Entry(raw);
-        // A damaged entry is reported and, as qemu-img does, its table is still walked
-        // and counted (masked offset); a repair drops the entry, so its table's entries
-        // are never repaired in place.
-        self.sound = match e.validate(&m.geo) {
-            Ok(()) => true,
-            Err(err) => {
-                self.rep.corruptions += 1;
-                self.rep.messages.push(format!(
-                    "ERROR L1 entry {i} ({raw:#x}): {err}; L1 entry corrupted"
-                ));
-                if t.active {
-                    self.refs.bad_l1.push(i);
-                }
-                false
-            }
+/// Compare stored refcounts with the count, as qemu-img: a used cluster with refcount 0
+/// asks for a rebuild; with `fix`, leaks (Leaks, All) and refcounts too low but not 0
+/// (All) are set right in place.
+fn compare(m: &mut Meta, rep: &mut CheckReport, c: &Counted, fix: Repair) -> Result<Compared> {
+    let file_len = m
+        .storage
+        .len()
+        .map_err(Error::io("reading the image length"))?;
+    let mut out = Compared {
+        rebuild: false,
+        highest: 0,
+        unreadable: 0,
+    };
+    let n = c.refs.len() as u64;
+    let candidates = (0..n).chain(beyond_candidates(m, c, n, file_len)?);
+    for cl in candidates {
+        let want = if cl < n {
+            u64::from(c.refs[cl as usize])
+        } else {
+            u64::from(c.beyond.get(&cl).copied().unwrap_or(0))
         };
-        if e.is_unallocated() {
-            return Ok(None);
-        }
-        let l2 = e.l2_offset();
-        self.inc(l2, self.cs, "L2 table");
-        self.done += 1;
-        (self.progress)(self.done, self.total);
-        Ok(Some(l2))
-    }
-
-    fn l2_table(
-        &mut self,
-        m: &mut Meta,
-        t: &L1Table,
-        i: usize,
-        l2_off: u64,
-        table: std::io::Result<&[u8]>,
-    ) -> Result<()> {
-        let geo = m.geo;
-        let cs = self.cs;
-        let buf = match table {
-            Ok(b) => b,
-            Err(err) => {
-                self.rep.check_errors += 1;
-                self.rep
-                    .messages
-                    .push(format!("ERROR reading L2 table at {l2_off:#x}: {err}"));
-                return Ok(());
-            }
-        };
-        // qemu-img tracks contiguity within one L2 table.
-        let mut next_contiguous = 0;
-        for j in 0..geo.l2_entries() as usize {
-            let entry = L2Entry::read(buf, j, &geo);
-            let kind = entry.kind(&geo).or_else(|err| {
-                self.rep.corruptions += 1;
-                self.rep.messages.push(format!(
-                    "ERROR L2 entry {j} of table {l2_off:#x} ({:#x}): {err}",
-                    entry.word
-                ));
-                if t.active && self.sound {
-                    self.refs.bad_entries.push((i, l2_off, j));
-                }
-                // qemu-img still counts the cluster a damaged uncompressed entry names
-                // (masked offset), not a damaged compressed one.
-                match entry.host_offset() {
-                    o if o != 0 && !entry.is_compressed() => Ok(ClusterKind::Normal { offset: o }),
-                    _ => Err(()),
-                }
-            });
-            match kind {
-                Err(()) => {}
-                Ok(ClusterKind::Compressed(d)) => {
-                    let (s, end) = d.host_range();
-                    self.inc(s, end - s, "compressed cluster");
-                    if t.active {
-                        self.rep.allocated_clusters += 1;
-                        self.rep.compressed_clusters += 1;
-                        // Compressed clusters count as fragmented, as qemu-img.
-                        self.rep.fragmented_clusters += 1;
-                    }
-                }
-                Ok(ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset }) => {
-                    self.inc(offset, cs, "data cluster");
-                    if t.active {
-                        self.rep.allocated_clusters += 1;
-                        if next_contiguous != 0 && offset != next_contiguous {
-                            self.rep.fragmented_clusters += 1;
-                        }
-                        next_contiguous = offset + cs;
-                    }
-                }
-                Ok(_) => {}
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The COPIED check over the active tree: a walk visitor.
-struct CopiedCheck<'a> {
-    rep: &'a mut CheckReport,
-    fix: bool,
-    /// The current L2 table's refcount is 1 (its entries may be fixed in place).
-    table_owned: bool,
-}
-
-impl Visitor for CopiedCheck<'_> {
-    fn l1_table(&mut self, _m: &mut Meta, _t: &L1Table) -> Result<()> {
-        Ok(())
-    }
-
-    fn l1_entry(&mut self, m: &mut Meta, t: &L1Table, i: usize) -> Result<Option<u64>> {
-        let geo = m.geo;
-        let e = L1Entry(t.entries[i]);
-        if e.is_unallocated() || e.validate(&geo).is_err() || m.mapping.l1_past_eof(i) {
-            return Ok(None);
-        }
-        let rc = m.refcount(e.l2_offset() >> geo.cluster_bits())?;
-        if (rc == 1) != e.copied() {
-            self.rep.corruptions += 1;
-            self.rep.messages.push(format!(
-                "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={rc}",
-                e.0
+        let Some(have) = stored_refcount(m, cl, file_len)? else {
+            rep.check_errors += 1;
+            out.unreadable += 1;
+            rep.messages.push(format!(
+                "Can't get refcount for cluster {cl}: its refcount block is not cluster aligned"
             ));
-            if self.fix && rc > 0 {
-                m.set_l1_entry(i, L1Entry::new(e.l2_offset(), rc == 1).0, true)?;
-                self.rep.corruptions_fixed += 1;
-            }
-        }
-        if e.l2_offset() >= m.alloc.end() {
-            return Ok(None); // a table past the end of the file was reported while counting
-        }
-        self.table_owned = rc == 1;
-        Ok(Some(e.l2_offset()))
-    }
-
-    fn l2_table(
-        &mut self,
-        m: &mut Meta,
-        _t: &L1Table,
-        i: usize,
-        l2_off: u64,
-        table: std::io::Result<&[u8]>,
-    ) -> Result<()> {
-        let geo = m.geo;
-        let Ok(buf) = table else {
-            return Ok(()); // reported while counting
+            continue;
         };
-        for j in 0..geo.l2_entries() as usize {
-            let entry = L2Entry::read(buf, j, &geo);
-            let offset = match entry.kind(&geo) {
-                Ok(ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset }) => offset,
-                _ => continue,
+        if have > 0 || want > 0 {
+            out.highest = cl;
+        }
+        if have == want {
+            continue;
+        }
+        let fixing = (have > want && have > 0 && fix != Repair::None)
+            || (have < want && have > 0 && fix == Repair::All);
+        let verb = if fixing {
+            "Repairing"
+        } else if have < want {
+            "ERROR"
+        } else {
+            "Leaked"
+        };
+        rep.messages.push(format!(
+            "{verb} cluster {cl} refcount={have} reference={want}"
+        ));
+        if have == 0 {
+            out.rebuild = true;
+        }
+        if fixing {
+            let done = if have > want {
+                let ok = m.drop_leaked_refs(cl, have - want).is_ok();
+                // A freed leak goes back to the host, as qemu-img's repair discards it
+                // (unless the policy keeps freed clusters allocated on the host).
+                if ok && want == 0 && m.metadata_on_free == OnFree::Discard {
+                    m.defer_discard(cl)?;
+                }
+                ok
+            } else {
+                set_stored_refcount(m, cl, want).is_ok()
             };
-            let rc = m.refcount(offset >> geo.cluster_bits())?;
-            if (rc == 1) == entry.copied() {
+            if done {
+                if have > want {
+                    rep.leaks_fixed += 1;
+                } else {
+                    rep.corruptions_fixed += 1;
+                }
                 continue;
             }
-            self.rep.corruptions += 1;
-            self.rep.messages.push(format!(
-                "ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}",
-                entry.word
-            ));
-            if self.fix && rc > 0 && self.table_owned {
-                let word = if rc == 1 {
-                    entry.word | OFLAG_COPIED
-                } else {
-                    entry.word & !OFLAG_COPIED
-                };
-                let guest = ((i as u64) << (geo.l2_bits() + geo.cluster_bits()))
-                    | ((j as u64) << geo.cluster_bits());
-                let slot = m.mapping.slot_at(l2_off, j);
-                m.set_l2(slot, guest, L2Entry::new(word, entry.bitmap))?;
-                self.rep.corruptions_fixed += 1;
+        }
+        if have < want {
+            rep.corruptions += 1;
+        } else {
+            rep.leaks += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Clusters past the count's end that qemu-img, having grown the file to hold a refcount
+/// block past its end, would compare too: those blocks' clusters, and any cluster in
+/// between whose stored refcount is not 0 (found by scanning the refcount blocks inside
+/// the file that cover that range, never the whole range).
+fn beyond_candidates(m: &mut Meta, c: &Counted, n: u64, file_len: u64) -> Result<Vec<u64>> {
+    let Some(&last) = c.beyond.keys().next_back() else {
+        return Ok(Vec::new());
+    };
+    let geo = m.geo;
+    let cs = geo.cluster_size();
+    let per = geo.refcount_block_entries();
+    let mut out: Vec<u64> = c.beyond.keys().copied().collect();
+    let table: Vec<u64> = m.refcounts.table().to_vec();
+    for (ti, &raw) in table.iter().enumerate() {
+        let off = raw & qcow2_format::refcount::REFT_OFFSET_MASK;
+        let (lo, hi) = (ti as u64 * per, (ti as u64 + 1) * per);
+        if off == 0 || off % cs != 0 || off >= file_len || hi <= n || lo > last {
+            continue;
+        }
+        for cl in lo.max(n)..hi.min(last + 1) {
+            if !c.beyond.contains_key(&cl) && stored_refcount(m, cl, file_len)? != Some(0) {
+                out.push(cl);
             }
         }
-        Ok(())
     }
+    out.sort_unstable();
+    Ok(out)
 }

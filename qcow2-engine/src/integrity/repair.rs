@@ -1,167 +1,184 @@
-//! Repair (qemu-img check -r all): drop references that cannot be kept, and rebuild the
-//! refcount structure from a fresh count when stored refcounts are too low or damaged.
-//! The new refcount table and blocks go after the last cluster in use, describe
-//! themselves, and replace the old ones with one header write.
+//! Rebuilding the refcount structures from a fresh count (qemu-img check -r all, when a
+//! used cluster has refcount 0 or a refcount table entry is damaged), placed as qemu-img
+//! places them: each refcount block in the first free cluster at or after the start of
+//! the range it describes, then the refcount table in the first free run from the start
+//! of the file, again (and the blocks describing it) while the table grows. Free means
+//! unused in the count, which includes the old structures: nothing live is overwritten,
+//! so a crash before the header switch leaves the image as it was. The old structures
+//! are leaks afterwards, repaired in the same check. The file grows only where qemu-img's
+//! would; the whole layout is decided in memory and each block is written once.
 
-use qcow2_format::l2::BITMAP_ALL_ZEROES;
-use qcow2_format::{refcount, L2Entry};
+use qcow2_format::refcount;
 
-use crate::changes::ChangeKind;
 use crate::error::{Error, Result};
-use crate::image::{Image, State};
-use crate::integrity::check::{CheckReport, Refs};
-use crate::meta::{structure_size, Meta, MetaKind, NewTable};
+use crate::meta::{Meta, MetaKind, NewTable};
 
-impl Image {
-    pub(crate) fn repair_all(
-        &self,
-        st: &mut State,
-        rep: &mut CheckReport,
-        counted: &Refs,
-    ) -> Result<()> {
-        let geo = self.geo;
-        let l2_coverage = geo.l2_coverage();
-        for &i in &counted.bad_l1 {
-            st.changes
-                .announce(i as u64 * l2_coverage, l2_coverage, ChangeKind::Repair);
-        }
-        for &(i, _, j) in &counted.bad_entries {
-            let guest = i as u64 * l2_coverage + ((j as u64) << geo.cluster_bits());
-            st.changes
-                .announce(guest, geo.cluster_size(), ChangeKind::Repair);
-        }
-        let m = &mut st.meta;
-        // References that cannot be kept become zero clusters (or unallocated on v2).
-        for &i in &counted.bad_l1 {
-            m.set_l1_entry(i, 0, false)?;
-            rep.corruptions_fixed += 1;
-            rep.messages.push(format!(
-                "Repairing L1 entry {i}: dropped (unusable L2 table)"
-            ));
-        }
-        for &(i, table, j) in &counted.bad_entries {
-            let zero = if geo.extended_l2() {
-                L2Entry::new(0, BITMAP_ALL_ZEROES)
-            } else if m.header.version() >= 3 {
-                L2Entry::new(qcow2_format::l2::OFLAG_ZERO, 0)
-            } else {
-                L2Entry::UNALLOCATED
-            };
-            let slot = m.mapping.slot_at(table, j);
-            let guest = i as u64 * l2_coverage + ((j as u64) << geo.cluster_bits());
-            m.set_l2(slot, guest, zero)?;
-            rep.corruptions_fixed += 1;
-            rep.messages.push(format!(
-                "Repairing L2 entry {j} of table {table:#x}: made a zero cluster"
-            ));
-        }
-        m.flush()?;
-        // Count again without the refcount structures; rebuild if any stored refcount is
-        // too low or any refcount block is unusable.
-        let mut scratch = CheckReport::default();
-        let fresh = self.count_refs(m, &mut scratch, &mut |_, _| {}, false)?;
-        let mut needs_rebuild = scratch.corruptions > 0;
-        let mut low = 0u64;
-        for (c, &want) in fresh.refs.iter().enumerate() {
-            match m.refcount(c as u64) {
-                Ok(have) if have >= u64::from(want) => {}
-                _ => {
-                    needs_rebuild = true;
-                    low += 1;
+/// The refcount table being laid out: entry `i` holds block `i`'s cluster index (0: none).
+struct Layout<'a> {
+    refs: &'a mut Vec<u32>,
+    per_block: u64,
+    entries_per_cluster: u64,
+    table: Vec<u64>,
+}
+
+impl Layout<'_> {
+    /// First fit of `count` free clusters at or after `*first_free`, growing the count
+    /// past the end as needed, marked used. `*first_free` moves to the first free
+    /// cluster seen (qemu-img's rule).
+    fn place(&mut self, first_free: &mut u64, count: u64) -> u64 {
+        let mut c = *first_free;
+        let mut run = 0u64;
+        let mut first_gap = true;
+        while c < self.refs.len() as u64 && run < count {
+            if self.refs[c as usize] == 0 {
+                run += 1;
+                if first_gap {
+                    *first_free = c;
+                    first_gap = false;
                 }
+            } else {
+                run = 0;
             }
+            c += 1;
         }
-        if m.refcounts
-            .table()
-            .iter()
-            .any(|&e| refcount::reftable_entry(e, &geo).is_err())
-        {
-            needs_rebuild = true;
+        if run < count {
+            self.refs.resize((c + count - run) as usize, 0);
         }
-        if needs_rebuild {
-            rep.messages.push("Rebuilding refcount structure".into());
-            self.rebuild_refcounts(m, fresh.refs)?;
-            rep.corruptions_fixed = rep.corruptions_fixed.max(rep.corruptions).max(low);
-            rep.leaks_fixed = rep.leaks;
+        let start = c - run;
+        for k in start..start + count {
+            self.refs[k as usize] = 1;
         }
-        Ok(())
+        start
     }
 
-    /// Write a new refcount table and blocks holding `refs` (plus themselves) after the
-    /// last used cluster, and switch the header to them.
-    pub(crate) fn rebuild_refcounts(&self, m: &mut Meta, mut refs: Vec<u32>) -> Result<()> {
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        let per_block = geo.refcount_block_entries();
-        let end = refs
-            .iter()
-            .rposition(|&v| v > 0)
-            .map_or(1, |i| i as u64 + 1);
-        let (rt, rb) = structure_size(&geo, end);
-        if rt > geo.max_reftable_clusters() {
-            return Err(Error::TooLarge(
-                "the rebuilt refcount table exceeds 8 MiB".into(),
-            ));
+    /// Give every block range in `[first, end)` holding a used cluster a block; returns
+    /// whether the table grew.
+    fn place_blocks(&mut self, first: u64, end: u64) -> bool {
+        let mut end = end;
+        let mut first_free = 0u64;
+        let mut grown = false;
+        let mut c = first;
+        while c < end {
+            if self.refs.get(c as usize).copied().unwrap_or(0) == 0 {
+                c += 1;
+                continue;
+            }
+            let idx = c / self.per_block;
+            let start = idx * self.per_block;
+            if self.table.get(idx as usize).copied().unwrap_or(0) == 0 {
+                // Never inside a range whose block is already laid out.
+                first_free = first_free.max(start);
+                let b = self.place(&mut first_free, 1);
+                if b >= end {
+                    end = b + 1; // the range holding the block needs its block too
+                }
+                if self.table.len() as u64 <= idx {
+                    let n = (idx + 1).div_ceil(self.entries_per_cluster) * self.entries_per_cluster;
+                    self.table.resize(n as usize, 0);
+                    grown = true;
+                }
+                self.table[idx as usize] = b;
+            }
+            c = start + self.per_block;
         }
-        refs.resize((rb * per_block) as usize, 0);
-        for c in end..end + rt + rb {
-            refs[c as usize] = 1;
+        grown
+    }
+}
+
+/// Write new refcount structures holding `refs` (the count of every cluster in use, the
+/// old refcount structures included) and switch the header to them. `refs` gains the
+/// new structures' clusters.
+pub(crate) fn rebuild_refcounts(m: &mut Meta, refs: &mut Vec<u32>) -> Result<()> {
+    let geo = m.geo;
+    let cs = geo.cluster_size();
+    let mut l = Layout {
+        refs,
+        per_block: geo.refcount_block_entries(),
+        entries_per_cluster: cs / 8,
+        table: Vec::new(),
+    };
+    let n = l.refs.len() as u64;
+    l.place_blocks(0, n);
+    let (table_at, table_clusters) = loop {
+        let clusters = (l.table.len() as u64)
+            .div_ceil(l.entries_per_cluster)
+            .max(1);
+        let mut first_free = 0;
+        let at = l.place(&mut first_free, clusters);
+        if !l.place_blocks(at, at + clusters) {
+            break (at, clusters);
         }
-        let order = geo.refcount_order();
-        let max = geo.refcount_max();
-        let table_off = end * cs;
-        let blocks_off = (end + rt) * cs;
-        let mut table = vec![0u64; (rt * cs / 8) as usize];
-        let mut blocks = vec![0u8; (rb * cs) as usize];
-        for (c, &v) in refs.iter().enumerate() {
-            if u64::from(v) > max {
+    };
+    if table_clusters > geo.max_reftable_clusters() {
+        return Err(Error::TooLarge(
+            "the rebuilt refcount table exceeds QEMU's limit".into(),
+        ));
+    }
+    let Layout {
+        refs,
+        per_block,
+        table,
+        ..
+    } = l;
+    let order = geo.refcount_order();
+    let max = geo.refcount_max();
+    // The old structures stop being metadata (the new ones avoid them anyway).
+    for s in m
+        .regions
+        .starts_where(|k| matches!(k, MetaKind::RefcountBlock | MetaKind::RefcountTable))
+    {
+        m.regions.remove(s);
+    }
+    let mut end = (table_at + table_clusters) * cs;
+    let mut block = vec![0u8; cs as usize];
+    for (idx, &b) in table.iter().enumerate() {
+        if b == 0 {
+            continue;
+        }
+        block.fill(0);
+        let first = idx as u64 * per_block;
+        for k in 0..per_block {
+            let v = u64::from(refs.get((first + k) as usize).copied().unwrap_or(0));
+            if v > max {
                 return Err(Error::TooLarge(format!(
-                    "cluster {c} has {v} references, more than {}-bit refcounts hold",
+                    "cluster {} has {v} references, more than {}-bit refcounts hold",
+                    first + k,
                     geo.refcount_bits()
                 )));
             }
-            let b = c as u64 / per_block;
-            let blk = &mut blocks[(b * cs) as usize..((b + 1) * cs) as usize];
-            refcount::set(blk, (c as u64 % per_block) as usize, order, u64::from(v))?;
+            refcount::set(&mut block, k as usize, order, v)?;
         }
-        for (b, t) in table.iter_mut().enumerate().take(rb as usize) {
-            *t = blocks_off + b as u64 * cs;
-        }
-        // The old refcount structures stop being metadata (nothing counted them, so the
-        // new ones may lie where they were); the new blocks start.
-        for s in m
-            .regions
-            .starts_where(|k| matches!(k, MetaKind::RefcountBlock | MetaKind::RefcountTable))
-        {
-            m.regions.remove(s);
-        }
-        m.regions.add(blocks_off, rb * cs, MetaKind::RefcountBlock);
+        let off = b * cs;
+        m.regions.add(off, cs, MetaKind::RefcountBlock);
+        m.alloc.extend_end(off + cs);
         m.write_meta(
-            &blocks,
-            blocks_off,
+            &block,
+            off,
             MetaKind::RefcountBlock,
-            "rebuilt refcount blocks",
+            "rebuilt refcount block",
         )?;
-        m.switch_table(
-            NewTable {
-                kind: MetaKind::RefcountTable,
-                off: table_off,
-                bytes: &qcow2_format::l1::encode_table(&table),
-                what: "rebuilt refcount table",
-            },
-            |h| {
-                h.refcount_table_offset = table_off;
-                h.refcount_table_clusters = rt as u32;
-            },
-        )?;
-        m.regions.remove(blocks_off);
-        for b in 0..rb {
-            m.regions
-                .add(blocks_off + b * cs, cs, MetaKind::RefcountBlock);
-        }
-        m.refcounts.replace_table(table, true);
-        m.alloc.reset_hint();
-        m.alloc.extend_end((end + rt + rb) * cs);
-        Ok(())
+        end = end.max(off + cs);
     }
+    let offsets: Vec<u64> = table.iter().map(|&b| b * cs).collect();
+    let mut bytes = qcow2_format::l1::encode_table(&offsets);
+    bytes.resize((table_clusters * cs) as usize, 0);
+    let table_off = table_at * cs;
+    m.alloc.extend_end(end);
+    m.switch_table(
+        NewTable {
+            kind: MetaKind::RefcountTable,
+            off: table_off,
+            bytes: &bytes,
+            what: "rebuilt refcount table",
+        },
+        |h| {
+            h.refcount_table_offset = table_off;
+            h.refcount_table_clusters = table_clusters as u32;
+        },
+    )?;
+    let mut entries = offsets;
+    entries.resize((table_clusters * cs / 8) as usize, 0);
+    m.refcounts.replace_table(entries, true);
+    m.alloc.reset_hint();
+    Ok(())
 }

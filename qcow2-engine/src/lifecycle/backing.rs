@@ -77,7 +77,10 @@ pub(crate) fn open_backing(
     }
     let path = resolve(name, image_dir);
     let canon = std::fs::canonicalize(&path).map_err(Error::io_lazy(|| {
-        format!("Could not open backing file '{}'", path.display())
+        format!(
+            "Could not open backing file: Could not open '{}'",
+            path.display()
+        )
     }))?;
     if chain.contains(&canon) {
         return Err(invalid_arg!(

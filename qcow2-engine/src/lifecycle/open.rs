@@ -36,6 +36,17 @@ impl Image {
         dir: Option<&Path>,
         chain: &[PathBuf],
     ) -> Result<Image> {
+        Self::open_once(storage, opts, dir, chain, false)
+    }
+
+    /// Open; `repaired`: a dirty image was repaired already (do not try again).
+    fn open_once(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        dir: Option<&Path>,
+        chain: &[PathBuf],
+        repaired: bool,
+    ) -> Result<Image> {
         let file_len = storage
             .len()
             .map_err(Error::io("reading the image length"))?;
@@ -67,30 +78,31 @@ impl Image {
             }
             e => e.into(),
         })?;
-        header.validate()?;
-        let geo = header.geometry()?;
-        let area = HeaderArea::parse(&cluster0)?;
+        // As QEMU, only a check-open accepts an image without a refcount table.
+        let area = if opts.check {
+            header.validate_for_check()?;
+            HeaderArea::parse_for_check(&cluster0)?
+        } else {
+            header.validate()?;
+            HeaderArea::parse(&cluster0)?
+        };
+        let geo = area.header.geometry()?;
         let h = &area.header;
         // A check-open may be read/write on a corrupt image: `corrupt` below keeps guest
         // writes refused until a repair clears the bit.
         refuse_unsupported(h, opts.read_only || opts.check)?;
+        if h.is_dirty() && !opts.read_only && !opts.check && !repaired {
+            // Refcounts may be stale (lazy refcounts, an unclean shutdown) or damaged:
+            // QEMU repairs a dirty image at a read/write open. The repair runs on a
+            // check-open (which accepts what a normal open refuses), then the image
+            // opens as usual.
+            repair_dirty(storage.clone(), opts, dir, chain)?;
+            return Self::open_once(storage, opts, dir, chain, true);
+        }
 
-        // A table running past the end of the file refuses a read/write open. Read-only
-        // (so that check can report it as qemu-img does) the missing part reads as zeros:
-        // the sizes are bounded by QEMU's limits (32 MiB L1, 8 MiB refcount table), and
-        // only the part inside the file is read.
-        let mut ranges = MetaMap::default();
-        let mut read_table = |what: &str, off: u64, len: u64| -> Result<Vec<u64>> {
-            let end = off.checked_add(len).filter(|&e| e <= file_len);
-            if end.is_none() {
-                let p = format!(
-                    "{what} at {off:#x} (+{len:#x} bytes) extends past the end of the file ({file_len:#x})"
-                );
-                if !opts.read_only {
-                    return Err(corrupt!("{p}"));
-                }
-                ranges.problem(p);
-            }
+        // Tables are read as far as they lie inside the file (the rest reads as zeros);
+        // their sizes are bounded by QEMU's limits (32 MiB L1, 8 MiB refcount table).
+        let read_table = |what: &str, off: u64, len: u64| -> Result<Vec<u64>> {
             let mut buf = vec![0u8; len as usize];
             let n = len.min(file_len.saturating_sub(off)) as usize;
             storage
@@ -110,51 +122,16 @@ impl Image {
         let reftable = read_table("refcount table", h.refcount_table_offset, rt_bytes)?;
         let snapshots = read_snapshots(&*storage, h, &geo, file_len)?;
 
-        ranges.add(0, cs, MetaKind::Header);
-        ranges.add(h.l1_table_offset, l1_bytes, MetaKind::ActiveL1);
-        ranges.add(h.refcount_table_offset, rt_bytes, MetaKind::RefcountTable);
-        for (i, &raw) in reftable.iter().enumerate() {
-            match refcount::reftable_entry(raw, &geo) {
-                Ok(0) => {}
-                // Updating a block there would grow the file to wherever the entry points.
-                Ok(off) if off >= file_len => ranges.problem(format!(
-                    "refcount table entry {i}: refcount block at {off:#x} is past the end of the file ({file_len:#x})"
-                )),
-                Ok(off) => ranges.add(off, cs, MetaKind::RefcountBlock),
-                Err(e) => ranges.problem(format!("refcount table entry {i}: {e}")),
-            }
-        }
-        for (i, &raw) in l1.iter().enumerate() {
-            let e = L1Entry(raw);
-            match e.validate(&geo) {
-                Ok(()) if e.is_unallocated() => {}
-                Ok(()) if e.l2_offset() >= file_len => ranges.problem(format!(
-                    "L1 entry {i}: L2 table at {:#x} is past the end of the file ({file_len:#x})",
-                    e.l2_offset()
-                )),
-                Ok(()) => ranges.add(e.l2_offset(), cs, MetaKind::ActiveL2),
-                Err(err) => ranges.problem(format!("L1 entry {i}: {err}")),
-            }
-        }
-        if h.nb_snapshots > 0 {
-            let len: u64 = snapshots
-                .iter()
-                .map(|s| s.to_bytes().map(|b| b.len() as u64).unwrap_or(0))
-                .sum();
-            ranges.add(h.snapshots_offset, len, MetaKind::SnapshotTable);
-            for s in &snapshots {
-                ranges.add(
-                    s.l1_table_offset,
-                    u64::from(s.l1_size) * 8,
-                    MetaKind::SnapshotL1,
-                );
-            }
-        }
-        if let Some(p) = ranges.problems.first() {
-            if !opts.read_only {
-                return Err(corrupt!("{p}"));
-            }
-        }
+        // Metadata that collides or lies past the end of the file refuses a read/write
+        // open. Read-only (so that check can report it as qemu-img does) and for check
+        // and repair (QEMU's BDRV_O_CHECK) the image opens; a check-open then refuses
+        // guest writes until a repair leaves nothing colliding.
+        let ranges = map_metadata(&geo, h, &l1, &reftable, &snapshots, file_len);
+        let distrust = match ranges.problems.first() {
+            Some(p) if !(opts.read_only || opts.check) => return Err(corrupt!("{p}")),
+            Some(_) => !opts.read_only,
+            None => false,
+        };
 
         let (l2_entry, l2_entries, rb_entries) = cache_sizes(&opts.cache, &geo, h.size)?;
         let virtual_size = h.size;
@@ -169,7 +146,10 @@ impl Image {
         let fast = Arc::new(FastMap::default());
         let policy = opts.discard.resolve(h.version)?;
         let version = h.version;
-        let dirty = h.is_dirty();
+        let mut header = HeaderState::new(area);
+        if distrust {
+            header.restore_corrupt(true);
+        }
         let meta = Meta {
             storage: storage.clone(),
             geo,
@@ -196,7 +176,7 @@ impl Image {
                 crate::meta::OnFree::Keep
             },
             free_gen: free_gen.clone(),
-            header: HeaderState::new(area),
+            header,
         };
         let img = Image {
             state: Mutex::new(State {
@@ -223,17 +203,35 @@ impl Image {
             opts: opts.clone(),
             locked: false,
         };
-        if dirty && !opts.read_only {
-            // Refcounts may be stale (lazy refcounts, unclean shutdown): repair as QEMU
-            // does on a read-write open, then mark the image clean.
-            img.check(crate::integrity::check::Repair::All)?;
-            let mut st = img.lock()?;
-            st.meta
-                .update_header(|h| h.incompatible_features &= !incompatible::DIRTY)?;
-            st.meta.sync()?;
-        }
         Ok(img)
     }
+}
+
+/// Repair a dirty image before a read/write open, as QEMU does (`qemu-img check -r all`
+/// on a check-open, without the backing chain). A repair that leaves corruptions (which
+/// qemu-img would leave too) does not stop the open; one that cannot run does.
+fn repair_dirty(
+    storage: Arc<dyn Storage>,
+    opts: &OpenOptions,
+    dir: Option<&Path>,
+    chain: &[PathBuf],
+) -> Result<()> {
+    let o = OpenOptions {
+        check: true,
+        no_backing: true,
+        ..opts.clone()
+    };
+    let img = Image::open_once(storage, &o, dir, chain, true)?;
+    let rep = img
+        .check(crate::integrity::check::Repair::All)
+        .map_err(|e| corrupt!("could not repair the dirty image: {e}"))?;
+    if rep.check_errors > 0 {
+        return Err(corrupt!(
+            "could not repair the dirty image: {} internal errors during the check",
+            rep.check_errors
+        ));
+    }
+    img.close()
 }
 
 /// Refuse what this library cannot handle safely.
@@ -347,7 +345,94 @@ fn cache_sizes(
     ))
 }
 
-/// Metadata ranges being collected at open, with overlaps recorded as problems.
+/// The overlap map of the metadata the header, the active L1 table, the refcount table
+/// and the snapshot list name, with what collides or lies past the end of the file (the
+/// problems a read/write open refuses).
+fn map_metadata(
+    geo: &Geometry,
+    h: &Header,
+    l1: &[u64],
+    reftable: &[u64],
+    snapshots: &[SnapshotEntry],
+    file_len: u64,
+) -> MetaMap {
+    let cs = geo.cluster_size();
+    let mut ranges = MetaMap::default();
+    let l1_bytes = u64::from(h.l1_size) * 8;
+    let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+    for (what, off, len) in [
+        ("L1 table", h.l1_table_offset, l1_bytes),
+        ("refcount table", h.refcount_table_offset, rt_bytes),
+    ] {
+        if off.checked_add(len).is_none_or(|e| e > file_len) {
+            ranges.problem(format!(
+                "{what} at {off:#x} (+{len:#x} bytes) extends past the end of the file ({file_len:#x})"
+            ));
+        }
+    }
+    ranges.add(0, cs, MetaKind::Header);
+    ranges.add(h.l1_table_offset, l1_bytes, MetaKind::ActiveL1);
+    ranges.add(h.refcount_table_offset, rt_bytes, MetaKind::RefcountTable);
+    for (i, &raw) in reftable.iter().enumerate() {
+        match refcount::reftable_entry(raw, geo) {
+            Ok(0) => {}
+            // Updating a block there would grow the file to wherever the entry points.
+            Ok(off) if off >= file_len => ranges.problem(format!(
+                "refcount table entry {i}: refcount block at {off:#x} is past the end of the file ({file_len:#x})"
+            )),
+            Ok(off) => ranges.add(off, cs, MetaKind::RefcountBlock),
+            Err(e) => ranges.problem(format!("refcount table entry {i}: {e}")),
+        }
+    }
+    for (i, &raw) in l1.iter().enumerate() {
+        let e = L1Entry(raw);
+        match e.validate(geo) {
+            Ok(()) if e.is_unallocated() => {}
+            Ok(()) if e.l2_offset() >= file_len => ranges.problem(format!(
+                "L1 entry {i}: L2 table at {:#x} is past the end of the file ({file_len:#x})",
+                e.l2_offset()
+            )),
+            Ok(()) => ranges.add(e.l2_offset(), cs, MetaKind::ActiveL2),
+            Err(err) => ranges.problem(format!("L1 entry {i}: {err}")),
+        }
+    }
+    if h.nb_snapshots > 0 {
+        let len: u64 = snapshots
+            .iter()
+            .map(|s| s.to_bytes().map(|b| b.len() as u64).unwrap_or(0))
+            .sum();
+        ranges.add(h.snapshots_offset, len, MetaKind::SnapshotTable);
+        for s in snapshots {
+            ranges.add(
+                s.l1_table_offset,
+                u64::from(s.l1_size) * 8,
+                MetaKind::SnapshotL1,
+            );
+        }
+    }
+    ranges
+}
+
+/// Map the metadata of an open image again (after a repair changed it) and return what
+/// still collides or lies past the end of the file.
+pub(crate) fn remap_regions(m: &mut Meta) -> Result<Vec<String>> {
+    let file_len = m
+        .storage
+        .len()
+        .map_err(Error::io("reading the image length"))?;
+    let map = map_metadata(
+        &m.geo,
+        m.header.get(),
+        m.mapping.l1(),
+        m.refcounts.table(),
+        &m.snapshots,
+        file_len,
+    );
+    m.regions = map.regions;
+    Ok(map.problems)
+}
+
+/// Metadata ranges being collected, with overlaps recorded as problems.
 #[derive(Default)]
 struct MetaMap {
     regions: Regions,
@@ -373,6 +458,7 @@ impl MetaMap {
         self.problems.push(p);
     }
 }
+
 /// How many clusters the file may grow by while freed clusters wait in the quarantine: as
 /// the option says, else a sixteenth of the virtual size, so the file stays within a few
 /// percent of what it would be with immediate reuse.

@@ -41,11 +41,6 @@ impl HeaderState {
         &self.area.header
     }
 
-    /// qcow2 version (2 or 3).
-    pub(crate) fn version(&self) -> u32 {
-        self.area.header.version
-    }
-
     /// Whether writes are refused because of an inconsistency.
     pub(crate) fn is_corrupt(&self) -> bool {
         self.corrupt
@@ -100,6 +95,19 @@ impl HeaderState {
         }
         self.corrupt = false;
         Ok(())
+    }
+
+    /// After a repair left no corruption: clear a dirty bit this handle did not set (an
+    /// earlier writer's, whose refcounts the repair has just made right), as QEMU does.
+    /// One this handle set stays until its clean close.
+    pub(crate) fn clear_stale_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
+        if !self.area.header.is_dirty() || self.dirty_set_by_us {
+            return Ok(());
+        }
+        self.update(storage, |h| h.incompatible_features &= !incompatible::DIRTY)?;
+        storage
+            .flush()
+            .map_err(Error::io("flushing the image file"))
     }
 
     /// Header bookkeeping before the first metadata change: clear the autoclear bits this

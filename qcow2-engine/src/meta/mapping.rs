@@ -56,11 +56,6 @@ impl Mapping {
         &self.l1
     }
 
-    /// Whether L1 entry `i` lies past the end of the file.
-    pub(crate) fn l1_past_eof(&self, i: usize) -> bool {
-        i >= self.l1_past_eof
-    }
-
     /// Validated L1 entry for a guest offset.
     pub(crate) fn l1_entry(&self, guest: u64) -> Result<L1Entry> {
         let i = self.geo.l1_index(guest) as usize;
