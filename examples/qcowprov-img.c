@@ -76,9 +76,15 @@ static int open_image(const char *path, uint32_t flags, qcowprov_image **img)
 {
     int r = qcowprov_open(path, NULL, flags | share_flag, img);
 
-    /* The library's message names the image (once). */
-    if (r < 0)
-        fprintf(stderr, "%s: %s\n", prog, lib_error(r));
+    /* The library's message names the image (once); a backing file's failure is
+     * prefixed with the image, as qemu-img does. */
+    if (r < 0) {
+        const char *msg = lib_error(r);
+        if (strncmp(msg, "Could not open backing file", 27) == 0)
+            fprintf(stderr, "%s: Could not open '%s': %s\n", prog, path, msg);
+        else
+            fprintf(stderr, "%s: %s\n", prog, msg);
+    }
     return r;
 }
 
@@ -510,7 +516,10 @@ static int cmd_check(int argc, char **argv)
     }
     if (!(file = one_file(argc, argv)))
         return 1;
-    if (open_image(file, (fix ? QCOWPROV_OPEN_CHECK : QCOWPROV_OPEN_RDONLY) | QCOWPROV_OPEN_NO_BACKING, &img) < 0)
+    /* As qemu-img: a check-open (which accepts what only a repair can mend, e.g. no
+     * refcount table), read-only unless repairing, with the backing chain (a missing
+     * backing file fails the check, exit 1). */
+    if (open_image(file, QCOWPROV_OPEN_CHECK | (fix ? 0 : QCOWPROV_OPEN_RDONLY), &img) < 0)
         return 1;
     if (run_check(img, fix, &res) < 0) {
         qcowprov_close(img);

@@ -2,8 +2,9 @@
 # qcowprov-img check against qemu-img check: the same exit status (0 clean,
 # 2 corruptions, 3 leaks, 1 check failed) and the same output, human and JSON
 # (leaks, corruptions, cluster counts, image end offset), on clean, leaking and
-# hand-corrupted images; and after repairs (-r leaks, -r all) the same repaired
-# image as qemu-img's.
+# hand-corrupted images (some from QEMU's iotests 060, 108, 138, 271); and after
+# repairs (-r leaks, -r all) the same repaired image as qemu-img's. Where qemu-img
+# needs two runs or grows the file, one run of ours ends where its two end.
 . "$(dirname "$0")/lib.sh"
 need qemu-img qemu-io python3
 
@@ -125,6 +126,32 @@ mk_fragmented() {
             -c 'write -P 5 64k 64k' img.qcow2
 }
 
+# Byte pokes for the iotest images below: poke FILE OFFSET HEX.
+poke() {
+    python3 -c 'import sys
+f = open(sys.argv[1], "r+b"); f.seek(int(sys.argv[2], 0)); f.write(bytes.fromhex(sys.argv[3]))' "$@"
+}
+# QEMU's iotests 060, 108, 138 and 271 (their check and repair cases; 64 MiB images with
+# the refcount table at 0x10000, its block at 0x20000, L1 at 0x30000, L2 at 0x40000).
+mk_no_reftable() { # 108: no refcount table at all
+    qemu-img create -q -f qcow2 img.qcow2 64M && qio -c 'write -P 42 0 64k' img.qcow2 &&
+        poke img.qcow2 48 0000000000000000 && poke img.qcow2 56 00000000
+}
+mk_zero_reftable_size() { qemu-img create -q -f qcow2 img.qcow2 64M && poke img.qcow2 56 00000000; } # 060
+mk_empty_reftable() { qemu-img create -q -f qcow2 img.qcow2 64M && qio -c 'write 0 64k' img.qcow2 && poke img.qcow2 0x10000 0000000000000000; } # 060
+mk_data_into_refblock() { # 060: 2 errors (the block's count and the cluster's)
+    qemu-img create -q -f qcow2 img.qcow2 64M && truncate -s $((0x50000)) img.qcow2 &&
+        poke img.qcow2 0x30000 8000000000040000 && poke img.qcow2 0x20008 0001 &&
+        poke img.qcow2 0x40000 8000000000020000
+}
+mk_unaligned_prealloc_zero() { qemu-img create -q -f qcow2 img.qcow2 64M && qio -c 'write 0 64k' img.qcow2 && poke img.qcow2 0x40000 8000000000052a01; } # 060
+mk_data_at_32_pib() { qemu-img create -q -f qcow2 -o cluster_size=512 img.qcow2 512 && qio -c 'write 0 512' img.qcow2 && poke img.qcow2 2048 8080000000000000; } # 138
+mk_ext_l2_unaligned_no_data() { # 271: qemu-img repairs it, the backing file shows through
+    qemu-img create -q -f raw base.raw 128k && qemu-io -f raw -c 'write -q -P 0xff 0 128k' base.raw &&
+        qemu-img create -q -f qcow2 -o extended_l2=on -F raw -b base.raw img.qcow2 &&
+        qio -c 'write -q -P 1 4k 2k' -c 'write -q -z 4k 2k' img.qcow2 && poke img.qcow2 $((0x40006)) 02
+}
+
 checkcase "clean (data, compressed, zero clusters)" 0 mk_clean
 checkcase "fresh 1G" 0 mk_fresh
 checkcase "fragmented" 0 mk_fragmented
@@ -151,5 +178,70 @@ checkcase "-r all on refcount_bits=1 leaks" 0 mk_refcount1_leaks "-r all"
 checkcase "corrupt bit set" 0 mk_corrupt_bit
 checkcase "-r all on the corrupt bit" 0 mk_corrupt_bit "-r all"
 checkcase "-r leaks on the corrupt bit" 0 mk_corrupt_bit "-r leaks"
+
+checkcase "108: no refcount table" 2 mk_no_reftable
+checkcase "108: -r all without a refcount table" 0 mk_no_reftable "-r all"
+checkcase "060: zero refcount table size" 2 mk_zero_reftable_size
+checkcase "060: -r all on a zero refcount table size" 0 mk_zero_reftable_size "-r all"
+checkcase "060: -r all on an empty refcount table" 0 mk_empty_reftable "-r all"
+checkcase "060: data cluster in a refcount block" 2 mk_data_into_refblock
+checkcase "060: -r all on a data cluster in a refcount block" 0 mk_data_into_refblock "-r all"
+checkcase "060: -r all on an unaligned preallocated zero cluster" 0 mk_unaligned_prealloc_zero "-r all"
+checkcase "138: a data cluster at 32 PiB" 2 mk_data_at_32_pib
+checkcase "271: -r all on an unaligned entry without data" 0 mk_ext_l2_unaligned_no_data "-r all"
+
+# ourcase NAME MAKE: qemu-img cannot repair in one run (its own overlap check stops it
+# half-way, or it grows the file to where a damaged entry points): ours repairs in one
+# run to what qemu-img ends with, in a file no longer than qemu-img's.
+ourcase() {
+    name=$1 make=$2
+    N=$((N + 1))
+    d=$T/c$N
+    mkdir -p "$d"
+    : > "$d/why"
+    if ! (cd "$d" && $make) > "$d/make.out" 2>&1; then
+        fail "$name" "making the image failed" "$d/make.out"
+        return
+    fi
+    cp "$d/img.qcow2" "$d/q.qcow2"
+    cp "$d/img.qcow2" "$d/o.qcow2"
+    qemu-img check -r all "$d/q.qcow2" > "$d/q.1" 2>&1
+    qemu-img check -r all "$d/q.qcow2" > "$d/q.2" 2>&1
+    "$IMG" check -r all "$d/o.qcow2" > "$d/o.1" 2>&1
+    o=$?
+    [ "$o" -eq 0 ] || echo "qcowprov-img check -r all exited $o" >> "$d/why"
+    qemu-img check "$d/o.qcow2" > "$d/o.after" 2>&1 || echo "qemu-img check of our repair: $(cat "$d/o.after")" >> "$d/why"
+    qemu-img check "$d/q.qcow2" > /dev/null 2>&1 || echo "qemu-img's own image is not clean after two runs" >> "$d/why"
+    qemu-img compare "$d/q.qcow2" "$d/o.qcow2" > "$d/cmp.out" 2>&1 || echo "compare: $(cat "$d/cmp.out")" >> "$d/why"
+    ql=$(stat -c %s "$d/q.qcow2") ol=$(stat -c %s "$d/o.qcow2")
+    [ "$ol" -le "$ql" ] || echo "our file is $ol bytes, qemu-img's $ql" >> "$d/why"
+    if [ -s "$d/why" ]; then
+        fail "$name  [$d]" "$d/why" "$d/o.1"
+    else
+        pass "$name"
+    fi
+}
+mk_dirty_corrupt() { qemu-img create -q -f qcow2 img.qcow2 64M && poke img.qcow2 0x10000 00000000ffff2a00 && poke img.qcow2 72 0000000000000001; } # 060
+mk_unaligned_refblock() { qemu-img create -q -f qcow2 img.qcow2 64M && qio -c 'write -P 3 0 128k' img.qcow2 && poke img.qcow2 0x10000 0000000000002a00; } # 060
+mk_refblock_beyond_end() { qemu-img create -q -f qcow2 img.qcow2 64M && poke img.qcow2 0x10008 0000000000100000; } # 108
+mk_refblock_far_out() { qemu-img create -q -f qcow2 img.qcow2 64M && poke img.qcow2 0x10008 00ffffff00000000; } # 060
+ourcase "060: -r all on a dirty image with an unaligned refcount block" mk_dirty_corrupt
+ourcase "060: -r all on an unaligned refcount block" mk_unaligned_refblock
+ourcase "108: -r all on a refcount block past the end (qemu-img grows the file to it)" mk_refblock_beyond_end
+ourcase "060: -r all on a refcount block far past the end" mk_refblock_far_out
+
+# A missing backing file: qemu-img check opens the chain and fails (exit 1), naming it.
+N=$((N + 1))
+d=$T/c$N
+mkdir -p "$d"
+(cd "$d" && qemu-img create -q -f qcow2 base.qcow2 1M && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 && rm base.qcow2)
+(cd "$d" && qemu-img check top.qcow2 > q.out 2> q.err; echo $? > q.rc)
+(cd "$d" && "$IMG" check top.qcow2 > o.out 2> o.err; echo $? > o.rc)
+if [ "$(cat "$d/q.rc")" = 1 ] && [ "$(cat "$d/o.rc")" = 1 ] && [ ! -s "$d/o.out" ] &&
+    grep -q "^qcowprov-img: Could not open 'top.qcow2': Could not open backing file: Could not open '.*base.qcow2': No such file or directory" "$d/o.err"; then
+    pass "missing backing file: exit 1 and qemu-img's message"
+else
+    fail "missing backing file [$d]" "$d/q.err" "$d/o.err" "$d/o.out"
+fi
 
 finish
