@@ -249,6 +249,9 @@ fn iotest_060_data_onto_metadata() {
     );
 }
 
+/// A damaged-image case: name, qemu-io setup, byte patches, requests.
+type Case<'a> = (&'a str, &'a [&'a str], Vec<(u64, [u8; 8])>, Vec<Op>);
+
 /// iotest 060: unaligned L1, L2 and refcount table entries met in use mark the image
 /// corrupt (reads included, on a read/write open); a discard of a cluster with an
 /// unaligned offset is a non-fatal corruption (done, not freed, no corrupt bit), and a
@@ -259,7 +262,7 @@ fn iotest_060_data_onto_metadata() {
 fn iotest_060_unaligned_entries() {
     let w64 = &["write -q 0 64k"][..];
     let w128 = &["write -q 0 128k"][..];
-    let cases: Vec<(&str, &[&str], Vec<(u64, [u8; 8])>, Vec<Op>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "unaligned L1 entry, read",
             w64,
