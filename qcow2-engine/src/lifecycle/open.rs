@@ -122,11 +122,13 @@ impl Image {
         let reftable = read_table("refcount table", h.refcount_table_offset, rt_bytes)?;
         let snapshots = read_snapshots(&*storage, h, &geo, file_len)?;
 
-        // Metadata that collides or lies past the end of the file refuses a read/write
-        // open. Read-only (so that check can report it as qemu-img does) and for check
-        // and repair (QEMU's BDRV_O_CHECK) the image opens; a check-open then refuses
-        // guest writes until a repair leaves nothing colliding.
-        let ranges = map_metadata(&geo, h, &l1, &reftable, &snapshots, file_len);
+        // Tables past the end of the file, or L1 entries naming L2 tables there, refuse a
+        // read/write open. Read-only (so that check can report it as qemu-img does) and
+        // for check and repair (QEMU's BDRV_O_CHECK) the image opens; a read/write
+        // check-open then refuses guest writes until a repair leaves no such problem.
+        // Overlapping metadata is left out of the overlap map, so that the first write
+        // that would damage it is refused and marks the image corrupt, as QEMU does.
+        let ranges = map_metadata(&*storage, &geo, h, &l1, &reftable, &snapshots, file_len)?;
         let distrust = match ranges.problems.first() {
             Some(p) if !(opts.read_only || opts.check) => return Err(corrupt!("{p}")),
             Some(_) => !opts.read_only,
@@ -346,16 +348,19 @@ fn cache_sizes(
 }
 
 /// The overlap map of the metadata the header, the active L1 table, the refcount table
-/// and the snapshot list name, with what collides or lies past the end of the file (the
-/// problems a read/write open refuses).
+/// and the snapshot list name (with the L2 tables only snapshots name), and the problems
+/// a read/write open refuses: tables past the end of the file, L1 entries naming L2
+/// tables there. Damaged entries and refcount blocks past the end are left out (found at
+/// use, as QEMU finds them).
 fn map_metadata(
+    storage: &dyn Storage,
     geo: &Geometry,
     h: &Header,
     l1: &[u64],
     reftable: &[u64],
     snapshots: &[SnapshotEntry],
     file_len: u64,
-) -> MetaMap {
+) -> Result<MetaMap> {
     let cs = geo.cluster_size();
     let mut ranges = MetaMap::default();
     let l1_bytes = u64::from(h.l1_size) * 8;
@@ -373,27 +378,28 @@ fn map_metadata(
     ranges.add(0, cs, MetaKind::Header);
     ranges.add(h.l1_table_offset, l1_bytes, MetaKind::ActiveL1);
     ranges.add(h.refcount_table_offset, rt_bytes, MetaKind::RefcountTable);
-    for (i, &raw) in reftable.iter().enumerate() {
+    for &raw in reftable {
         match refcount::reftable_entry(raw, geo) {
             Ok(0) => {}
-            // Updating a block there would grow the file to wherever the entry points.
-            Ok(off) if off >= file_len => ranges.problem(format!(
-                "refcount table entry {i}: refcount block at {off:#x} is past the end of the file ({file_len:#x})"
-            )),
+            // Never read or written there (the file would grow to wherever the entry
+            // points): using it marks the image corrupt, as QEMU's overlap checks do.
+            Ok(off) if off >= file_len => {}
             Ok(off) => ranges.add(off, cs, MetaKind::RefcountBlock),
-            Err(e) => ranges.problem(format!("refcount table entry {i}: {e}")),
+            // As QEMU: found when the block is used, which marks the image corrupt.
+            Err(_) => {}
         }
     }
     for (i, &raw) in l1.iter().enumerate() {
         let e = L1Entry(raw);
-        match e.validate(geo) {
+        match e.validate_for_io(geo) {
             Ok(()) if e.is_unallocated() => {}
             Ok(()) if e.l2_offset() >= file_len => ranges.problem(format!(
                 "L1 entry {i}: L2 table at {:#x} is past the end of the file ({file_len:#x})",
                 e.l2_offset()
             )),
             Ok(()) => ranges.add(e.l2_offset(), cs, MetaKind::ActiveL2),
-            Err(err) => ranges.problem(format!("L1 entry {i}: {err}")),
+            // As QEMU: found when the entry is used, which marks the image corrupt.
+            Err(_) => {}
         }
     }
     if h.nb_snapshots > 0 {
@@ -409,30 +415,34 @@ fn map_metadata(
                 MetaKind::SnapshotL1,
             );
         }
+        snapshot_l2_tables(storage, snapshots, geo, file_len, &mut ranges)?;
     }
-    ranges
+    Ok(ranges)
 }
 
-/// Map the metadata of an open image again (after a repair changed it) and return what
-/// still collides or lies past the end of the file.
+/// Map the metadata of an open image again (after a repair changed it, from what the
+/// repair flushed) and return what still refuses a read/write open.
 pub(crate) fn remap_regions(m: &mut Meta) -> Result<Vec<String>> {
     let file_len = m
         .storage
         .len()
         .map_err(Error::io("reading the image length"))?;
     let map = map_metadata(
+        &*m.storage,
         &m.geo,
         m.header.get(),
         m.mapping.l1(),
         m.refcounts.table(),
         &m.snapshots,
         file_len,
-    );
+    )?;
     m.regions = map.regions;
     Ok(map.problems)
 }
 
-/// Metadata ranges being collected, with overlaps recorded as problems.
+/// Metadata ranges being collected. Overlaps are left out of the map (writes that would
+/// land on the other structure are then refused at use); problems that refuse a
+/// read/write open are recorded.
 #[derive(Default)]
 struct MetaMap {
     regions: Regions,
@@ -444,19 +454,47 @@ impl MetaMap {
         if len == 0 {
             return;
         }
-        if let Some((s, e, k)) = self.regions.overlapping(start, len) {
-            let end = start.saturating_add(len);
-            self.problem(format!(
-                "{kind:?} at {start:#x}..{end:#x} overlaps {k:?} at {s:#x}..{e:#x}"
-            ));
-            return;
+        if self.regions.overlapping(start, len).is_none() {
+            self.regions.add(start, len, kind);
         }
-        self.regions.add(start, len, kind);
     }
 
     fn problem(&mut self, p: String) {
         self.problems.push(p);
     }
+}
+/// Put every L2 table a snapshot's L1 names and the active L1 does not into the overlap
+/// map, so that no guest write can land on a snapshot's table (QEMU's
+/// `overlap-check=all`). Only the part of each snapshot L1 inside the file is read.
+fn snapshot_l2_tables(
+    storage: &dyn Storage,
+    snapshots: &[SnapshotEntry],
+    geo: &Geometry,
+    file_len: u64,
+    ranges: &mut MetaMap,
+) -> Result<()> {
+    let cs = geo.cluster_size();
+    for s in snapshots {
+        let bytes = u64::from(s.l1_size) * 8;
+        let in_file = bytes.min(file_len.saturating_sub(s.l1_table_offset)) / 8 * 8;
+        let mut buf = vec![0u8; in_file as usize];
+        storage
+            .read_at(&mut buf, s.l1_table_offset)
+            .map_err(Error::io("reading a snapshot's L1 table"))?;
+        for raw in decode_table(&buf) {
+            let e = L1Entry(raw);
+            if e.is_unallocated() || e.validate(geo).is_err() || e.l2_offset() >= file_len {
+                continue;
+            }
+            let off = e.l2_offset();
+            let known = ranges.regions.starts_at(off, MetaKind::ActiveL2)
+                || ranges.regions.starts_at(off, MetaKind::SnapshotL2);
+            if !known {
+                ranges.add(off, cs, MetaKind::SnapshotL2);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How many clusters the file may grow by while freed clusters wait in the quarantine: as
