@@ -79,7 +79,7 @@ struct Compared {
     rebuild: bool,
     /// The last cluster with a reference or a refcount.
     highest: u64,
-    /// Clusters whose refcount could not be read (unaligned refcount block).
+    /// Clusters whose refcount could not be read (refcount block unaligned or out of reach).
     unreadable: u64,
 }
 
@@ -278,7 +278,7 @@ fn compare(m: &mut Meta, rep: &mut CheckReport, c: &Counted, fix: Repair) -> Res
             rep.check_errors += 1;
             out.unreadable += 1;
             rep.messages.push(format!(
-                "Can't get refcount for cluster {cl}: its refcount block is not cluster aligned"
+                "Can't get refcount for cluster {cl}: its refcount block is unaligned or out of reach"
             ));
             continue;
         };

@@ -1,23 +1,30 @@
 //! Refcounts as the image stores them, read the way qemu-img check reads them on a
 //! possibly damaged image: reserved bits of a refcount table entry are masked, a block
-//! past the end of the file reads as zeros, and only an unaligned block offset makes a
-//! refcount unreadable (a check error in qemu-img's counters). Also the one way check
-//! and repair change a single stored refcount.
+//! past the end of the file reads as zeros, and only an unaligned block offset or one
+//! beyond the largest offset QEMU's block layer accepts makes a refcount unreadable (a
+//! check error in qemu-img's counters). Also the one way check and repair change a
+//! single stored refcount.
 
 use qcow2_format::refcount::REFT_OFFSET_MASK;
 
 use crate::error::{corrupt, Result};
 use crate::meta::{Meta, Which};
 
+/// The largest end of a request QEMU's block layer accepts (`BDRV_MAX_LENGTH`: `INT64_MAX`
+/// aligned down to 1 GiB); a read past it fails with EIO instead of reading zeros.
+const QEMU_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 /// The offset of the refcount block covering host cluster `c`: `Ok(0)` for none, `Err(())`
-/// when the table entry is unaligned (the refcount cannot be read).
+/// when the table entry is unaligned or beyond what QEMU can read (the refcount cannot
+/// be read).
 fn block_of(m: &Meta, c: u64) -> std::result::Result<u64, ()> {
     let ti = (c >> m.geo.refcount_block_bits()) as usize;
     let off = match m.refcounts.table().get(ti) {
         None => return Ok(0),
         Some(&raw) => raw & REFT_OFFSET_MASK,
     };
-    if off % m.cluster_size() != 0 {
+    let cs = m.cluster_size();
+    if off % cs != 0 || off.saturating_add(cs) > QEMU_MAX_LENGTH {
         return Err(());
     }
     Ok(off)

@@ -134,7 +134,8 @@ pub fn engine_check_verdict(image: &Path) -> (CheckVerdict, String) {
         }
         Ok(r) => (
             CheckVerdict {
-                rc: r.exit_code(),
+                // As qemu-img: internal errors fail the check, whatever else it found.
+                rc: if r.check_errors > 0 { 1 } else { r.exit_code() },
                 corruptions: r.corruptions,
                 leaks: r.leaks,
                 end: r.image_end_offset,
