@@ -53,6 +53,22 @@ impl Image {
         // cache for the next barrier to write out); everything else is gathered and
         // written in as few requests as possible.
         let cheap_zero = self.storage.capabilities().zero_keep_allocated;
+        // A write holding zeros goes to new clusters (`Fill::Zeroes` is only planned for
+        // them, and nothing reads them): as QEMU, the whole range is zeroed first and the
+        // rest written into it. ext4 then converts small unwritten remainders to written
+        // (its zeroout), so a new cluster ends as few extents instead of zeros, data,
+        // zeros (6,000 random 4 KiB writes, 256 MiB: ~800 extents as qemu-io's, was
+        // ~7,300; examples/extents-vs-qemu.sh).
+        let total: u64 = pieces.iter().map(|p| p.len).sum();
+        let zeroed_first = cheap_zero
+            && pieces.iter().any(|p| p.fill == Fill::Zeroes)
+            && host % ZERO_RANGE_MIN == 0
+            && total % ZERO_RANGE_MIN == 0;
+        if zeroed_first {
+            self.storage
+                .write_zeroes(host, total, host_io::ZeroMode::KeepAllocated)
+                .map_err(io(host))?;
+        }
         let mut buf: Vec<u8> = Vec::new();
         let mut buf_at = host;
         let mut pos = host;
@@ -62,14 +78,16 @@ impl Image {
                 && p.len >= ZERO_RANGE_MIN
                 && pos % ZERO_RANGE_MIN == 0
                 && p.len % ZERO_RANGE_MIN == 0;
-            if zero_range {
+            if zero_range || (zeroed_first && p.fill == Fill::Zeroes) {
                 if !buf.is_empty() {
                     self.storage.write_at(&buf, buf_at).map_err(io(buf_at))?;
                     buf.clear();
                 }
-                self.storage
-                    .write_zeroes(pos, p.len, host_io::ZeroMode::KeepAllocated)
-                    .map_err(io(pos))?;
+                if !zeroed_first {
+                    self.storage
+                        .write_zeroes(pos, p.len, host_io::ZeroMode::KeepAllocated)
+                        .map_err(io(pos))?;
+                }
                 pos += p.len;
                 buf_at = pos;
                 continue;

@@ -15,6 +15,10 @@
 //!   change that freed it is durable, and is dropped if the cluster is allocated again
 //!   first: its new data overwrites it, so the punch would only cost time. Clusters kept
 //!   allocated (anchoring, discard-no-unref) are released or anchored at once.
+//! - in modes whose host layer is `unmap` (`metadata`, `thin`), the part of a new cluster
+//!   a first write does not cover stays a hole on the host, and the file may end inside
+//!   its last cluster (qemu-img map reports the hole as zeros); with QEMU-style options
+//!   and host layers `full` / `anchor` a new cluster is allocated whole, as in QEMU.
 
 use qcow2_format::l2::{BITMAP_ALL_ZEROES, OFLAG_ZERO};
 use qcow2_format::{ClusterKind, L2Entry};
