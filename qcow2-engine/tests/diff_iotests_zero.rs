@@ -10,6 +10,11 @@
 //!   data and over unallocated ranges) -> `iotest_154_zeroes_over_backing`
 //! - 179 "write zeroes with unmap" (every step, base and overlay) -> `iotest_179_*`
 //! - 290 "discard on v2 and v3, with and without a backing file" -> `iotest_290_discard`
+//! - tests/write-zeroes-unmap (a raw image under qemu-system's monitor there; here its
+//!   qcow2 analogue through qemu-io): write-zeroes with and without unmap and zero-byte
+//!   writes under QEMU's defaults, `discard=off`, `discard=on`, `detect-zeroes=on` and
+//!   both, over written data -> `write_zeroes_unmap_host_usage` (same entries and the same
+//!   host usage)
 //!
 //! After each step both twins are compared: every active L2 entry's kind and COPIED flag,
 //! `qemu-img compare` (guest content, backing included), `qemu-img map --output=json`
@@ -107,7 +112,12 @@ fn twins(tag: &str, opts: &str, size: &str, with_base: bool) -> Twins {
 
 /// qemu-io on `p` with QEMU's default options; every request must succeed.
 fn qemu_run(p: &Path, ops: &[Op]) {
-    let spec = format!("driver=qcow2,file.filename={},{QEMU_DEFAULT}", p.display());
+    qemu_run_with(p, QEMU_DEFAULT, ops)
+}
+
+/// qemu-io on `p` with runtime options `opts`; every request must succeed.
+fn qemu_run_with(p: &Path, opts: &str, ops: &[Op]) {
+    let spec = format!("driver=qcow2,file.filename={},{opts}", p.display());
     let mut c = Command::new("qemu-io");
     c.args(["--image-opts", &spec]);
     for op in ops {
@@ -129,7 +139,12 @@ fn qemu_run(p: &Path, ops: &[Op]) {
 /// The engine on `p` with the same options, one open for the steps (as one qemu-io
 /// run); returns each request's result.
 fn engine_run(p: &Path, ops: &[Op]) -> Vec<bool> {
-    let img = Image::open(p, &OpenOptions::parse(QEMU_DEFAULT).unwrap()).expect("open");
+    engine_run_with(p, QEMU_DEFAULT, ops)
+}
+
+/// The engine on `p` with runtime options `opts`.
+fn engine_run_with(p: &Path, opts: &str, ops: &[Op]) -> Vec<bool> {
+    let img = Image::open(p, &OpenOptions::parse(opts).unwrap()).expect("open");
     let r = ops.iter().map(|op| op.engine(&img).is_ok()).collect();
     img.close().expect("close");
     r
@@ -412,4 +427,30 @@ fn iotest_154_zeroes_over_backing() {
     );
     same(&qb, &ob, "154 base");
     same(&t.q, &t.o, "154 zeroes over a backing file");
+}
+
+#[test]
+fn write_zeroes_unmap_host_usage() {
+    require_qemu_tools();
+    // (QEMU's -drive option set, as spelled for both sides; the request)
+    let sets: &[(&str, Op)] = &[
+        ("discard=ignore", Op::Zero(0, M)),
+        ("discard=ignore", Op::ZeroUnmap(0, M)),
+        ("discard=ignore", Op::Write(0, M, 0)),
+        ("discard=ignore,detect-zeroes=on", Op::Write(0, M, 0)),
+        ("discard=unmap,detect-zeroes=unmap", Op::Write(0, M, 0)),
+        ("discard=unmap", Op::Zero(0, M)),
+        ("discard=unmap", Op::ZeroUnmap(0, M)),
+    ];
+    for (i, &(opts, op)) in sets.iter().enumerate() {
+        let t = twins(&format!("wzu{i}"), "", "1M", false);
+        let what = format!("write-zeroes-unmap {opts} {}", op.qemu());
+        step(&t.q, &t.o, &[Op::Write(0, M, 0x5a)]);
+        qemu_run_with(&t.q, opts, &[op]);
+        let ok = engine_run_with(&t.o, opts, &[op]);
+        assert_eq!(ok, [true], "{what}");
+        same(&t.q, &t.o, &what);
+        let (uq, uo) = (allocated_bytes(&t.q), allocated_bytes(&t.o));
+        assert_eq!(uo, uq, "{what}: host usage, ours {uo} bytes, qemu's {uq}");
+    }
 }
