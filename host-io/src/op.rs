@@ -31,7 +31,8 @@ impl OpKind {
         OpKind::Allocate,
     ];
 
-    /// Position in [`OpKind::ALL`], for per-kind counters.
+    /// Position in [`OpKind::ALL`], for per-kind counters (the fault backend's).
+    #[cfg(feature = "testing")]
     pub(crate) fn index(self) -> usize {
         self as usize
     }
