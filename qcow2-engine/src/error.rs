@@ -42,6 +42,19 @@ pub enum Error {
     /// permission and the way out; errno `EBUSY`.
     #[error("{0}")]
     InUse(String),
+    /// A named object (a persistent bitmap) does not exist; errno `ENOENT`.
+    #[error("{0}")]
+    NotFound(String),
+    /// A named object (a persistent bitmap) already exists; errno `EEXIST`.
+    #[error("{0}")]
+    Exists(String),
+    /// A name longer than the format allows; errno `ENAMETOOLONG`.
+    #[error("{0}")]
+    NameTooLong(String),
+    /// No room for another object (too many bitmaps, a full bitmap directory); errno
+    /// `ENOSPC`.
+    #[error("{0}")]
+    NoSpace(String),
     /// The handle failed earlier (an internal error interrupted a metadata update); it
     /// refuses all I/O.
     #[error("image handle failed: {0}")]
@@ -73,6 +86,10 @@ impl Error {
             Error::ReadOnly(_) => 30,    // EROFS
             Error::TooLarge(_) => 27,    // EFBIG
             Error::InUse(_) => host_io::LOCK_CONFLICT_ERRNO,
+            Error::NotFound(_) => 2,     // ENOENT
+            Error::Exists(_) => 17,      // EEXIST
+            Error::NameTooLong(_) => 36, // ENAMETOOLONG
+            Error::NoSpace(_) => 28,     // ENOSPC
             Error::Failed(_) => libc_eio(),
         }
     }

@@ -148,6 +148,9 @@ impl Image {
             };
             let storage = m.storage.clone();
             m.header.restrict_autoclear(&*storage, keep)?;
+            if keep == 0 {
+                m.bitmaps.forget("a repair found the bitmaps extension damaged");
+            }
         }
         let mut rep = CheckReport {
             total_clusters: self.virtual_size().div_ceil(self.geo.cluster_size()),

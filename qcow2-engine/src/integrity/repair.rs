@@ -21,14 +21,14 @@ impl Image {
     ) -> Result<()> {
         let geo = self.geo;
         let l2_coverage = geo.l2_coverage();
+        // Repairs change guest content: the bitmaps mark it (QEMU's repair does not; a
+        // backup then copies what a repair made zero).
         for &i in &counted.bad_l1 {
-            st.changes
-                .announce(i as u64 * l2_coverage, l2_coverage, ChangeKind::Repair);
+            self.announce(st, i as u64 * l2_coverage, l2_coverage, ChangeKind::Repair)?;
         }
         for &(i, _, j) in &counted.bad_entries {
             let guest = i as u64 * l2_coverage + ((j as u64) << geo.cluster_bits());
-            st.changes
-                .announce(guest, geo.cluster_size(), ChangeKind::Repair);
+            self.announce(st, guest, geo.cluster_size(), ChangeKind::Repair)?;
         }
         let m = &mut st.meta;
         // References that cannot be kept become zero clusters (or unallocated on v2).

@@ -233,7 +233,7 @@ impl Image {
         let size = self.virtual_size();
         let per_table = geo.l2_entries();
         let mut st = self.lock()?;
-        st.changes.announce(0, size, ChangeKind::Preallocate);
+        self.announce(&mut st, 0, size, ChangeKind::Preallocate)?;
         let m = &mut st.meta;
         m.prepare_first_write()?;
         let bm = if geo.extended_l2() {

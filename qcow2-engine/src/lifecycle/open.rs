@@ -155,6 +155,20 @@ impl Image {
                 return Err(corrupt!("{p}"));
             }
         }
+        // Damaged bitmaps never refuse an open (they hold no guest data): they are
+        // reported and left alone.
+        let (mut bitmaps, bitmap_regions) =
+            crate::meta::bitmaps::load(&*storage, &area, &geo, file_len)?;
+        if let Some((s, l, k)) = bitmap_regions
+            .iter()
+            .find(|&&(s, l, _)| ranges.regions.overlapping(s, l).is_some())
+        {
+            bitmaps.mark_damaged(format!("{k:?} at {s:#x} (+{l:#x}) overlaps other metadata"));
+        } else {
+            for (s, l, k) in bitmap_regions {
+                ranges.regions.add(s, l, k);
+            }
+        }
 
         let (l2_entry, l2_entries, rb_entries) = cache_sizes(&opts.cache, &geo, h.size)?;
         let virtual_size = h.size;
@@ -190,6 +204,7 @@ impl Image {
             host_ops: HostOps::default(),
             regions: ranges.regions,
             snapshots,
+            bitmaps,
             metadata_on_free: if policy.passes(FreeReason::Other) {
                 crate::meta::OnFree::Discard
             } else {

@@ -21,6 +21,12 @@ pub(crate) enum MetaKind {
     SnapshotTable,
     /// A snapshot's L1 table.
     SnapshotL1,
+    /// The persistent bitmap directory.
+    BitmapDirectory,
+    /// A persistent bitmap's table.
+    BitmapTable,
+    /// A cluster of persistent bitmap data.
+    BitmapData,
 }
 
 /// Host ranges holding metadata: start -> (end, kind). Ranges never overlap.

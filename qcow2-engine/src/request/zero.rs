@@ -45,6 +45,7 @@ impl Image {
                 "discard on a version 2 image with a backing file (the backing data would show through)".into(),
             ));
         }
+        self.announce_request(off, len, ChangeKind::Discard)?;
         let geo = self.geo;
         let size = self.virtual_size();
         let end = off + len;
@@ -79,6 +80,7 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
+        self.announce_request(off, len, ChangeKind::Zero)?;
         let sc = self.geo.subcluster_size();
         let size = self.virtual_size();
         let end = off + len;
@@ -101,6 +103,14 @@ impl Image {
             self.zero_unaligned(body_end, end, flags)?;
         }
         Ok(())
+    }
+
+    /// Announce a whole discard or write-zeroes request (QEMU marks the bitmaps over the
+    /// whole requested range, parts the request leaves alone included).
+    fn announce_request(&self, off: u64, len: u64, kind: ChangeKind) -> Result<()> {
+        let mut st = self.lock()?;
+        st.meta.prepare_first_write()?;
+        self.announce(&mut st, off, len, kind)
     }
 
     /// The request a whole cluster of a write-zeroes becomes.
@@ -156,13 +166,16 @@ impl Image {
             Request::Zero { .. } => ChangeKind::Zero,
             _ => ChangeKind::Discard,
         };
+        let size = self.virtual_size();
         let mut g = start;
         while g < stop {
             let plan = {
                 let mut st = self.lock_unclaimed(g >> self.geo.cluster_bits())?;
                 st.meta.prepare_first_write()?;
+                let batch_end = stop.min(g + MAX_BATCH * self.geo.cluster_size()).min(size);
+                self.announce(&mut st, g, batch_end.saturating_sub(g), kind)?;
                 let (plan, next, r) = self.plan_clusters(&mut st, g, stop, req);
-                self.begin(&mut st, &plan, kind);
+                self.begin(&mut st, &plan);
                 g = next;
                 (plan, r)
             };
@@ -218,7 +231,6 @@ impl Image {
     ) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
-        let size = self.virtual_size();
         let (old, kind, _) = st.meta.l2_kind(pos)?;
         let facts = ClusterFacts {
             kind,
@@ -231,7 +243,6 @@ impl Image {
         if new != old {
             // Allocates the L2 table, or copies one shared with a snapshot, if needed.
             let slot = st.meta.l2_slot_for_write(pos)?;
-            plan.changes(pos, cs.min(size - pos));
             st.meta.set_l2(slot, pos, new)?;
             if let Some(on_free) = action.unref {
                 self.unref(&mut st.meta, kind, on_free)?;
@@ -248,7 +259,6 @@ impl Image {
                 // corrupt reference may point there; zeroing it would grow the file).
                 let len = cs.min(st.meta.alloc.end().saturating_sub(offset));
                 plan.effect(offset, len, effect);
-                plan.changes(pos, cs.min(size - pos));
             }
         }
         Ok(())
@@ -265,6 +275,7 @@ impl Image {
         let plan = {
             let mut st = self.lock_unclaimed(sub >> geo.cluster_bits())?;
             st.meta.prepare_first_write()?;
+            self.announce(&mut st, s, e - s, ChangeKind::Zero)?;
             let (entry, kind, _) = st.meta.l2_kind(sub)?;
             let sk = entry.subcluster_kind(kind, &geo, geo.subcluster_index(sub));
             let empty = matches!(
@@ -293,11 +304,7 @@ impl Image {
                 match self.zero_request(flags) {
                     Some(req) => {
                         let (plan, _, r) = self.plan_clusters(&mut st, sub, sub_end, req);
-                        let kind = match req {
-                            Request::Zero { .. } => ChangeKind::Zero,
-                            _ => ChangeKind::Discard,
-                        };
-                        self.begin(&mut st, &plan, kind);
+                        self.begin(&mut st, &plan);
                         drop(st);
                         self.run(plan, &[])?;
                         return r;
@@ -318,6 +325,7 @@ impl Image {
         let plan = {
             let mut st = self.lock_unclaimed(s >> self.geo.cluster_bits())?;
             st.meta.prepare_first_write()?;
+            self.announce(&mut st, s, e - s, ChangeKind::Zero)?;
             self.subclusters_locked(&mut st, s, e)?
         };
         match plan {
@@ -338,13 +346,10 @@ impl Image {
         let first = geo.subcluster_index(s);
         let n = ((e - s) / geo.subcluster_size()) as u32;
         let bm = (entry.bitmap | bitmap::zero_range(first, n)) & !bitmap::alloc_range(first, n);
-        let mut plan = Plan::default();
         if bm != entry.bitmap {
-            plan.changes(s, e - s);
-            self.begin(st, &plan, ChangeKind::Zero);
             st.meta.set_l2(slot, s, L2Entry::new(entry.word, bm))?;
         }
-        Ok(Some(plan))
+        Ok(Some(Plan::default()))
     }
 
     /// Write explicit zero bytes through the normal write path, unless refused.
@@ -359,7 +364,7 @@ impl Image {
         let mut pos = s;
         while pos < e {
             let n = (e - pos).min(zeros.len() as u64) as usize;
-            self.write_data(&zeros[..n], pos)?;
+            self.write_data(&zeros[..n], pos, ChangeKind::Zero)?;
             pos += n as u64;
         }
         Ok(())
