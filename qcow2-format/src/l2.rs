@@ -9,8 +9,10 @@ use crate::geometry::Geometry;
 pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Reserved bits of a standard entry.
 pub const L2E_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
-/// Reserved bits of an extended entry's first word (bit 0 is reserved there).
-pub const L2E_RESERVED_MASK_EXTENDED: u64 = 0x3f00_0000_0000_01ff;
+/// Reserved bits of an extended entry's first word that make it invalid. Bit 0 (the zero
+/// flag of standard entries) is reserved there too, but QEMU neither reads nor checks it
+/// (qemu-img check passes such an entry and the guest reads it), so it is ignored here.
+pub const L2E_RESERVED_MASK_EXTENDED: u64 = 0x3f00_0000_0000_01fe;
 /// Bit 0 (standard entries only): the cluster reads as zeros.
 pub const OFLAG_ZERO: u64 = 1;
 /// Bit 63: refcount is exactly 1, so the cluster may be written in place.

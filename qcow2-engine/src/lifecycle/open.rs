@@ -113,15 +113,15 @@ impl Image {
         ranges.add(0, cs, MetaKind::Header);
         ranges.add(h.l1_table_offset, l1_bytes, MetaKind::ActiveL1);
         ranges.add(h.refcount_table_offset, rt_bytes, MetaKind::RefcountTable);
-        for (i, &raw) in reftable.iter().enumerate() {
+        for &raw in &reftable {
             match refcount::reftable_entry(raw, &geo) {
                 Ok(0) => {}
-                // Updating a block there would grow the file to wherever the entry points.
-                Ok(off) if off >= file_len => ranges.problem(format!(
-                    "refcount table entry {i}: refcount block at {off:#x} is past the end of the file ({file_len:#x})"
-                )),
+                // Never read or written there (the file would grow to wherever the entry
+                // points): using it marks the image corrupt, as QEMU's overlap checks do.
+                Ok(off) if off >= file_len => {}
                 Ok(off) => ranges.add(off, cs, MetaKind::RefcountBlock),
-                Err(e) => ranges.problem(format!("refcount table entry {i}: {e}")),
+                // As QEMU: found when the block is used, which marks the image corrupt.
+                Err(_) => {}
             }
         }
         for (i, &raw) in l1.iter().enumerate() {
@@ -133,7 +133,8 @@ impl Image {
                     e.l2_offset()
                 )),
                 Ok(()) => ranges.add(e.l2_offset(), cs, MetaKind::ActiveL2),
-                Err(err) => ranges.problem(format!("L1 entry {i}: {err}")),
+                // As QEMU: found when the entry is used, which marks the image corrupt.
+                Err(_) => {}
             }
         }
         if h.nb_snapshots > 0 {
@@ -149,12 +150,16 @@ impl Image {
                     MetaKind::SnapshotL1,
                 );
             }
+            snapshot_l2_tables(&*storage, &snapshots, &geo, file_len, &mut ranges)?;
         }
         if let Some(p) = ranges.problems.first() {
             if !opts.read_only {
                 return Err(corrupt!("{p}"));
             }
         }
+        // Overlapping metadata is left out of the overlap map, so that the first write
+        // that would damage it is refused and marks the image corrupt, as QEMU does; a
+        // read-only open keeps the findings for check.
         // Damaged bitmaps never refuse an open (they hold no guest data): they are
         // reported and left alone.
         let (mut bitmaps, bitmap_regions) =
@@ -362,7 +367,9 @@ fn cache_sizes(
     ))
 }
 
-/// Metadata ranges being collected at open, with overlaps recorded as problems.
+/// Metadata ranges being collected at open. Overlaps are left out of the map (writes that
+/// would land on the other structure are then refused at use); problems that refuse a
+/// read/write open (tables past the end of the file) are recorded.
 #[derive(Default)]
 struct MetaMap {
     regions: Regions,
@@ -374,20 +381,49 @@ impl MetaMap {
         if len == 0 {
             return;
         }
-        if let Some((s, e, k)) = self.regions.overlapping(start, len) {
-            let end = start.saturating_add(len);
-            self.problem(format!(
-                "{kind:?} at {start:#x}..{end:#x} overlaps {k:?} at {s:#x}..{e:#x}"
-            ));
-            return;
+        if self.regions.overlapping(start, len).is_none() {
+            self.regions.add(start, len, kind);
         }
-        self.regions.add(start, len, kind);
     }
 
     fn problem(&mut self, p: String) {
         self.problems.push(p);
     }
 }
+/// Put every L2 table a snapshot's L1 names and the active L1 does not into the overlap
+/// map, so that no guest write can land on a snapshot's table (QEMU's
+/// `overlap-check=all`). Only the part of each snapshot L1 inside the file is read.
+fn snapshot_l2_tables(
+    storage: &dyn Storage,
+    snapshots: &[SnapshotEntry],
+    geo: &Geometry,
+    file_len: u64,
+    ranges: &mut MetaMap,
+) -> Result<()> {
+    let cs = geo.cluster_size();
+    for s in snapshots {
+        let bytes = u64::from(s.l1_size) * 8;
+        let in_file = bytes.min(file_len.saturating_sub(s.l1_table_offset)) / 8 * 8;
+        let mut buf = vec![0u8; in_file as usize];
+        storage
+            .read_at(&mut buf, s.l1_table_offset)
+            .map_err(Error::io("reading a snapshot's L1 table"))?;
+        for raw in decode_table(&buf) {
+            let e = L1Entry(raw);
+            if e.is_unallocated() || e.validate(geo).is_err() || e.l2_offset() >= file_len {
+                continue;
+            }
+            let off = e.l2_offset();
+            let known = ranges.regions.starts_at(off, MetaKind::ActiveL2)
+                || ranges.regions.starts_at(off, MetaKind::SnapshotL2);
+            if !known {
+                ranges.add(off, cs, MetaKind::SnapshotL2);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How many clusters the file may grow by while freed clusters wait in the quarantine: as
 /// the option says, else a sixteenth of the virtual size, so the file stays within a few
 /// percent of what it would be with immediate reuse.

@@ -129,7 +129,9 @@ impl Allocator {
 
 impl Meta {
     fn is_free(&mut self, c: u64) -> Result<bool> {
-        if c == 0 || self.alloc.is_pinned(c) {
+        // Cluster 0 is the header: a refcount of 0 there is corruption, found below like
+        // any other metadata with refcount 0 (as QEMU's overlap check finds it).
+        if self.alloc.is_pinned(c) {
             return Ok(false);
         }
         if self.refcount(c)? != 0 {
@@ -164,7 +166,7 @@ impl Meta {
         loop {
             let mut runs: Vec<(u64, u64)> = Vec::new();
             let mut got = 0u64;
-            let mut c = self.alloc.free_hint.max(1);
+            let mut c = self.alloc.free_hint;
             let mut first_skipped: Option<u64> = None;
             while got < n {
                 if c >= max_cluster {
@@ -214,7 +216,7 @@ impl Meta {
             }
             if !contiguous {
                 self.alloc.free_hint = first_skipped.unwrap_or(last);
-            } else if runs[0].0 == self.alloc.free_hint.max(1) {
+            } else if runs[0].0 == self.alloc.free_hint {
                 self.alloc.free_hint = last;
             }
             if growth > 0 {
@@ -235,7 +237,7 @@ impl Meta {
     fn add_refs(&mut self, first: u64, n: u64) -> Result<()> {
         let mut new = Vec::with_capacity(n as usize);
         for c in first..first + n {
-            let block = self.refcounts.block_for(c)?;
+            let block = self.refblock(c)?;
             if block == 0 {
                 return Err(corrupt!(
                     "no refcount block for cluster {:#x}",
@@ -313,7 +315,7 @@ impl Meta {
     /// Subtract one reference from cluster `c`; a cluster reaching zero may be reused.
     fn sub_ref(&mut self, c: u64, on_free: OnFree) -> Result<()> {
         let cs = self.cluster_size();
-        let block = self.refcounts.block_for(c)?;
+        let block = self.refblock(c)?;
         if block == 0 {
             return Err(corrupt!("no refcount block for cluster {:#x}", c * cs));
         }
@@ -347,7 +349,7 @@ impl Meta {
     /// Subtract `delta` from one cluster's refcount directly (leak repair: no reference
     /// exists, so no ordering matters).
     pub(crate) fn drop_leaked_refs(&mut self, c: u64, delta: u64) -> Result<()> {
-        let block = self.refcounts.block_for(c)?;
+        let block = self.refblock(c)?;
         if block == 0 {
             return Ok(());
         }
@@ -372,9 +374,24 @@ impl Meta {
             })
     }
 
+    /// The refcount block covering host cluster index `c` (0: none). A damaged refcount
+    /// table entry met in use marks the image corrupt, as QEMU does.
+    pub(crate) fn refblock(&mut self, c: u64) -> Result<u64> {
+        match self.refcounts.block_for(c) {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                self.mark_corrupt();
+                Err(corrupt!(
+                    "refcount table entry {}: {e}",
+                    c >> self.geo.refcount_block_bits()
+                ))
+            }
+        }
+    }
+
     /// Refcount of host cluster index `c`.
     pub(crate) fn refcount(&mut self, c: u64) -> Result<u64> {
-        let block = self.refcounts.block_for(c)?;
+        let block = self.refblock(c)?;
         if block == 0 {
             return Ok(0);
         }

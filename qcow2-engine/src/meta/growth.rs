@@ -15,7 +15,7 @@ impl Meta {
         let mut created = false;
         let (lo, hi) = (first >> bits, (first + n - 1) >> bits);
         for ti in lo..=hi {
-            if self.refcounts.block_for(ti << bits)? == 0 {
+            if self.refblock(ti << bits)? == 0 {
                 self.create_refblock(ti)?;
                 created = true;
             }
@@ -152,7 +152,7 @@ impl Meta {
             if let Some((_, b)) = new_blocks.iter_mut().find(|(t, _)| *t == ti) {
                 refcount::set(b, idx, order, 1)?;
             } else {
-                let block = self.refcounts.block_for(c)?;
+                let block = self.refblock(c)?;
                 self.load(Which::Refcount, block)?;
                 if self.refcounts.get_loaded(block, c) != 0 {
                     return Err(corrupt!(

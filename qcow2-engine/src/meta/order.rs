@@ -58,6 +58,7 @@ impl Meta {
         // Only a damaged image opened read-only names a table there (read/write opens
         // refuse it): reading it as zeros would hide the damage.
         if off >= self.alloc.end() {
+            self.mark_corrupt();
             return Err(corrupt!("{what} at {off:#x} is past the end of the file"));
         }
         let mut buf = vec![0u8; size].into_boxed_slice();

@@ -21,6 +21,8 @@ pub(crate) enum MetaKind {
     SnapshotTable,
     /// A snapshot's L1 table.
     SnapshotL1,
+    /// An L2 table only snapshots' L1 tables name (inactive).
+    SnapshotL2,
     /// The persistent bitmap directory.
     BitmapDirectory,
     /// A persistent bitmap's table.

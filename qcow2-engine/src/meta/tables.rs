@@ -44,9 +44,17 @@ impl Meta {
         r
     }
 
+    /// The validated L1 entry for `guest`. A damaged entry met in use marks the image
+    /// corrupt (on a read/write open), as QEMU does.
+    pub(crate) fn l1_entry(&mut self, guest: u64) -> Result<qcow2_format::L1Entry> {
+        self.mapping
+            .l1_entry(guest)
+            .inspect_err(|_| self.mark_corrupt())
+    }
+
     /// The L2 entry mapping `guest`, and where it lives (None: no L2 table).
     pub(crate) fn l2_lookup(&mut self, guest: u64) -> Result<(L2Entry, Option<L2Slot>)> {
-        let l1 = self.mapping.l1_entry(guest)?;
+        let l1 = self.l1_entry(guest)?;
         if l1.is_unallocated() {
             return Ok((L2Entry::UNALLOCATED, None));
         }
@@ -60,17 +68,28 @@ impl Meta {
         Ok((e, Some(slot)))
     }
 
-    /// The L2 entry mapping `guest`, decoded; a bad entry is reported as corruption.
+    /// The L2 entry mapping `guest`, decoded; a bad entry is corruption, and marks the
+    /// image corrupt on a read/write open, as QEMU does.
     pub(crate) fn l2_kind(
         &mut self,
         guest: u64,
     ) -> Result<(L2Entry, qcow2_format::ClusterKind, Option<L2Slot>)> {
-        let (entry, slot) = self.l2_lookup(guest)?;
-        let kind = entry.kind(&self.geo).map_err(|e| {
-            let cl = self.geo.align_down(guest);
-            crate::error::corrupt!("L2 entry for guest offset {cl:#x}: {e}")
-        })?;
-        Ok((entry, kind, slot))
+        let (mut entry, slot) = self.l2_lookup(guest)?;
+        if entry.is_compressed() {
+            // QEMU ignores a compressed cluster's subcluster bitmap for I/O (check reports
+            // a nonzero one): the guest reads the cluster.
+            entry.bitmap = 0;
+        }
+        match entry.kind(&self.geo) {
+            Ok(kind) => Ok((entry, kind, slot)),
+            Err(e) => {
+                self.mark_corrupt();
+                let cl = self.geo.align_down(guest);
+                Err(crate::error::corrupt!(
+                    "L2 entry for guest offset {cl:#x}: {e}"
+                ))
+            }
+        }
     }
 
     /// Change the entry at `slot` (mapping guest offset `guest`).
@@ -83,7 +102,7 @@ impl Meta {
     /// The slot for `guest` in a writable L2 table: allocates a table, or copies a table
     /// shared with a snapshot, as needed.
     pub(crate) fn l2_slot_for_write(&mut self, guest: u64) -> Result<L2Slot> {
-        let l1 = self.mapping.l1_entry(guest)?;
+        let l1 = self.l1_entry(guest)?;
         if !l1.is_unallocated() && l1.copied() {
             return Ok(self.mapping.slot_for(l1.l2_offset(), guest));
         }

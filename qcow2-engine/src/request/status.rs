@@ -198,7 +198,7 @@ impl Image {
         // is examined per call, which keeps the lock short on huge ranges.
         let mut budget = geo.l2_entries();
         while pos < end && budget > 0 {
-            let l1 = m.mapping.l1_entry(pos)?;
+            let l1 = m.l1_entry(pos)?;
             if l1.is_unallocated() {
                 // The whole L2 range is unallocated.
                 let table_end = ((pos / geo.l2_coverage()) + 1).saturating_mul(geo.l2_coverage());

@@ -313,43 +313,33 @@ impl Image {
         // Extended L2: allocate at subcluster granularity.
         let sc = geo.subcluster_size();
         let (first, last) = ((t.a / sc) as u32, t.b.div_ceil(sc) as u32);
-        let touched_start = first as u64 * sc;
-        let touched_end = last as u64 * sc;
         let fresh = t.reuse.is_none();
-        let mut bm = if fresh { 0 } else { t.entry.bitmap };
-        if fresh {
-            // Untouched subclusters of a replaced cluster keep their meaning.
-            for i in (0..32u32).filter(|i| !(first..last).contains(i)) {
-                match t.entry.subcluster_kind(t.kind, &geo, i) {
-                    SubclusterKind::Normal | SubclusterKind::Compressed => {
-                        bm |= bitmap::alloc_range(i, 1)
-                    }
-                    SubclusterKind::ZeroAlloc | SubclusterKind::ZeroPlain => {
-                        bm |= bitmap::zero_range(i, 1)
-                    }
-                    _ => {}
-                }
+        // The subclusters the new cluster gets, as QEMU's copy-on-write: the touched ones
+        // of a kept cluster; for a replaced cluster, from its first to its last allocated
+        // subcluster (and the touched ones), copied whole; a compressed cluster whole.
+        let (lo_sc, hi_sc) = match t.kind {
+            _ if !fresh => (first, last),
+            ClusterKind::Compressed(_) => (0, 32),
+            ClusterKind::Normal { .. } if t.entry.bitmap & BITMAP_ALL_ALLOC != 0 => {
+                let alloc = (t.entry.bitmap & BITMAP_ALL_ALLOC) as u32;
+                (
+                    first.min(alloc.trailing_zeros()),
+                    last.max(32 - alloc.leading_zeros()),
+                )
             }
-        }
-        bm &= !bitmap::zero_range(first, last - first);
-        bm |= bitmap::alloc_range(first, last - first);
-        let entry = L2Entry::new(host | OFLAG_COPIED, bm);
-        // The span written: every allocated subcluster of a fresh cluster (one request),
-        // only the touched ones of a reused cluster.
-        let (lo, hi) = if fresh {
-            let lo = (0..32u32).find(|&i| bm & (1 << i) != 0).unwrap_or(first) as u64 * sc;
-            let hi = (0..32u32)
-                .rev()
-                .find(|&i| bm & (1 << i) != 0)
-                .map_or(last, |i| i + 1) as u64
-                * sc;
-            if bm & BITMAP_ALL_ALLOC != bitmap::alloc_range(first, last - first) {
-                plan.data_first = true;
-            }
-            (lo, hi)
-        } else {
-            (touched_start, touched_end)
+            _ => (first, last),
         };
+        // Outside that range every subcluster keeps its zero or unallocated state.
+        let old_zero = if matches!(t.kind, ClusterKind::Compressed(_)) {
+            0
+        } else {
+            t.entry.bitmap & !BITMAP_ALL_ALLOC
+        };
+        let mut bm = if fresh { old_zero } else { t.entry.bitmap };
+        bm &= !bitmap::zero_range(lo_sc, hi_sc - lo_sc);
+        bm |= bitmap::alloc_range(lo_sc, hi_sc - lo_sc);
+        let entry = L2Entry::new(host | OFLAG_COPIED, bm);
+        let (lo, hi) = (lo_sc as u64 * sc, hi_sc as u64 * sc);
         if t.a != lo || t.b != hi {
             plan.data_first = true;
         }

@@ -6,7 +6,7 @@
 //! subcluster already reads zero, otherwise written as zero bytes (or refused with
 //! `no_fallback`, QEMU's `BDRV_REQ_NO_FALLBACK`).
 
-use qcow2_format::l2::bitmap;
+use qcow2_format::l2::{bitmap, OFLAG_ZERO};
 use qcow2_format::{ClusterKind, L2Entry, SubclusterKind};
 
 use crate::changes::ChangeKind;
@@ -72,35 +72,33 @@ impl Image {
     }
 
     /// Write-zeroes with all of QEMU's request flags.
+    ///
+    /// The request is cut as QEMU's block layer cuts it: a head up to the first subcluster
+    /// boundary, the aligned bulk without an unaligned tail, and the tail. Each piece is
+    /// zeroed as metadata where the format allows, else written as zero bytes (refused
+    /// with `no_fallback`).
     pub fn write_zeroes_with(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_range(off, len)?;
         if self.read_only {
             return Err(Error::ReadOnly("opened read-only".into()));
         }
-        if len == 0 {
-            return Ok(());
-        }
         self.announce_request(off, len, ChangeKind::Zero)?;
         let sc = self.geo.subcluster_size();
-        let size = self.virtual_size();
         let end = off + len;
-        // Head and tail inside one subcluster each; the aligned body between. An end at
-        // the (unaligned) end of the image counts as aligned, as in QEMU.
-        let up = |x: u64| x.div_ceil(sc) * sc;
-        let head_end = if off % sc == 0 { off } else { up(off).min(end) };
-        let body_end = if end == size {
-            end
-        } else {
-            (end - end % sc).max(head_end)
-        };
-        if off < head_end {
-            self.zero_unaligned(off, head_end, flags)?;
-        }
-        if head_end < body_end {
-            self.zero_aligned(head_end, body_end, flags)?;
-        }
-        if body_end < end {
-            self.zero_unaligned(body_end, end, flags)?;
+        let tail = end % sc;
+        let mut pos = off;
+        while pos < end {
+            let num = if pos % sc != 0 {
+                (sc - pos % sc).min(end - pos)
+            } else if tail != 0 && end - pos > sc {
+                end - pos - tail
+            } else {
+                end - pos
+            };
+            if let Some((s, e)) = self.zero_piece(pos, pos + num, flags)? {
+                self.zero_bytes(s, e, flags)?;
+            }
+            pos += num;
         }
         Ok(())
     }
@@ -108,6 +106,9 @@ impl Image {
     /// Announce a whole discard or write-zeroes request (QEMU marks the bitmaps over the
     /// whole requested range, parts the request leaves alone included).
     fn announce_request(&self, off: u64, len: u64, kind: ChangeKind) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
         let mut st = self.lock()?;
         st.meta.prepare_first_write()?;
         self.announce(&mut st, off, len, kind)
@@ -127,37 +128,75 @@ impl Image {
         }
     }
 
-    /// Subcluster-aligned range: whole clusters change their entry (in batches); partial
-    /// clusters (extended L2) change their bitmap.
-    fn zero_aligned(&self, s: u64, e: u64, flags: ZeroFlags) -> Result<()> {
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        let size = self.virtual_size();
-        let mut pos = s;
-        while pos < e {
-            let cl = geo.align_down(pos);
-            let whole_end = if e == size {
-                geo.align_up(e)
-            } else {
-                geo.align_down(e)
-            };
-            if pos == cl && whole_end > cl {
-                match self.zero_request(flags) {
-                    Some(req) => self.clusters(cl, whole_end, req)?,
-                    None => self.zero_bytes(pos, whole_end.min(e), flags)?,
-                }
-                pos = whole_end.min(e);
-                continue;
-            }
-            let cl_end = (cl + cs).min(e);
-            if self.version < 3 {
-                self.zero_bytes(pos, cl_end, flags)?;
-            } else {
-                self.zero_subclusters(pos, cl_end, flags)?;
-            }
-            pos = cl_end;
+    /// One piece of a write-zeroes (QEMU's `qcow2_co_pwrite_zeroes`): a piece inside one
+    /// subcluster is zeroed with its whole subcluster when the rest of it already reads
+    /// zero; an aligned piece (or one ending at the image's end) as metadata. Returns the
+    /// range to write as zero bytes instead, if any.
+    fn zero_piece(&self, s: u64, e: u64, flags: ZeroFlags) -> Result<Option<(u64, u64)>> {
+        let sc = self.geo.subcluster_size();
+        let tail = if e == self.virtual_size() {
+            0
+        } else {
+            e.div_ceil(sc) * sc - e
+        };
+        if s % sc != 0 || tail != 0 {
+            return self.zero_unaligned(s, e, flags);
         }
-        Ok(())
+        self.zeroize(s, e, flags)
+    }
+
+    /// Subcluster-aligned `[s, e)` (QEMU's `qcow2_subcluster_zeroize`): a partial first
+    /// cluster and a partial last cluster change their bitmap (extended L2), whole clusters
+    /// their entry, in batches. A compressed partial cluster cannot be zeroed as metadata:
+    /// with QEMU-style options the whole piece is then written as zero bytes (what QEMU
+    /// does, after zeroing what it did before); a provisioning mode writes bytes over that
+    /// cluster part only (fewer clusters allocated). Returns the range to write as bytes.
+    fn zeroize(&self, s: u64, e: u64, flags: ZeroFlags) -> Result<Option<(u64, u64)>> {
+        let geo = self.geo;
+        let size = self.virtual_size();
+        let Some(req) = self.zero_request(flags) else {
+            return Ok(Some((s, e)));
+        };
+        let exact = matches!(
+            self.lock()?.policy.mode,
+            crate::provision::policy::Mode::Qemu { .. }
+        );
+        let mut bytes: Option<(u64, u64)> = None;
+        // Note that the partial cluster [a, b) cannot be zeroed; true: stop.
+        let mut cannot = |a: u64, b: u64| -> bool {
+            if exact {
+                bytes = Some((s, e));
+                true
+            } else {
+                bytes = Some(match bytes {
+                    None => (a, b),
+                    Some((x, _)) => (x, b),
+                });
+                false
+            }
+        };
+        let head_end = e.min(geo.align_up(s));
+        let mut pos = s;
+        if head_end > s && s % geo.cluster_size() != 0 {
+            if !self.zero_subclusters(s, head_end)? && cannot(s, head_end) {
+                return Ok(bytes);
+            }
+            pos = head_end;
+        }
+        // At the image's end the last cluster counts as whole (no tail), as in QEMU.
+        let (whole_end, tail_start) = if e >= size {
+            (if pos < e { geo.align_up(e) } else { pos }, e)
+        } else {
+            let t = pos.max(geo.align_down(e));
+            (t, t)
+        };
+        if pos < whole_end {
+            self.clusters(pos, whole_end, req)?;
+        }
+        if tail_start < e && !self.zero_subclusters(tail_start, e)? {
+            cannot(tail_start, e);
+        }
+        Ok(bytes)
     }
 
     /// Whole clusters `[start, stop)`, batch by batch.
@@ -231,7 +270,7 @@ impl Image {
     ) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
-        let (old, kind, _) = st.meta.l2_kind(pos)?;
+        let (old, kind, damaged) = self.kind_for_release(st, pos)?;
         let facts = ClusterFacts {
             kind,
             has_backing: self.backing.is_some(),
@@ -244,30 +283,57 @@ impl Image {
             // Allocates the L2 table, or copies one shared with a snapshot, if needed.
             let slot = st.meta.l2_slot_for_write(pos)?;
             st.meta.set_l2(slot, pos, new)?;
-            if let Some(on_free) = action.unref {
+            // A damaged entry's cluster is not freed (QEMU: a non-fatal corruption): a leak.
+            if let Some(on_free) = action.unref.filter(|_| !damaged) {
                 self.unref(&mut st.meta, kind, on_free)?;
             }
         }
         // Also when the entry did not change (already zero-allocated): stale data on the
         // host is released or anchored (QEMU skips it). Never on a cluster shared with a
         // snapshot.
-        if let (Some(effect), ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset }) =
-            (action.host_if_owned, kind)
+        if let (
+            false,
+            Some(effect),
+            ClusterKind::Normal { offset } | ClusterKind::ZeroAlloc { offset },
+        ) = (damaged, action.host_if_owned, kind)
         {
             if st.meta.refcount(offset >> geo.cluster_bits())? == 1 {
                 // Past the image's clusters there is nothing to release or anchor (a
                 // corrupt reference may point there; zeroing it would grow the file).
                 let len = cs.min(st.meta.alloc.end().saturating_sub(offset));
                 plan.effect(offset, len, effect);
-            }
+                }
         }
         Ok(())
+    }
+
+    /// The entry at `pos` and its kind for a discard or write-zeroes, and whether it is
+    /// damaged. As QEMU, a standard entry whose only damage is an unaligned host offset or
+    /// reserved bits can still be dropped (the cluster is not freed: a leak, reported by
+    /// check); anything else damaged fails and marks the image corrupt.
+    fn kind_for_release(&self, st: &mut State, pos: u64) -> Result<(L2Entry, ClusterKind, bool)> {
+        let geo = self.geo;
+        let (entry, _) = st.meta.l2_lookup(pos)?;
+        if let Ok(kind) = entry.kind(&geo) {
+            return Ok((entry, kind, false));
+        }
+        if geo.extended_l2() || entry.is_compressed() {
+            st.meta.l2_kind(pos)?; // fails, marking the image corrupt
+        }
+        let offset = entry.host_offset();
+        let kind = match (entry.word & OFLAG_ZERO != 0, offset) {
+            (true, 0) => ClusterKind::ZeroPlain,
+            (true, offset) => ClusterKind::ZeroAlloc { offset },
+            (false, 0) => ClusterKind::Unallocated,
+            (false, offset) => ClusterKind::Normal { offset },
+        };
+        Ok((entry, kind, true))
     }
 
     /// A range inside one subcluster: if the rest of the subcluster reads zero and holds
     /// no data, zero the whole subcluster; otherwise write zero bytes (QEMU's ENOTSUP
     /// fallback). The test and the zeroing happen under one lock hold.
-    fn zero_unaligned(&self, s: u64, e: u64, flags: ZeroFlags) -> Result<()> {
+    fn zero_unaligned(&self, s: u64, e: u64, flags: ZeroFlags) -> Result<Option<(u64, u64)>> {
         let geo = self.geo;
         let sc = geo.subcluster_size();
         let sub = s - s % sc;
@@ -293,8 +359,10 @@ impl Image {
                 self.read_locked(&mut st.meta, &mut tail, e)?;
                 rest_zero = head.iter().chain(tail.iter()).all(|&b| b == 0);
             }
+            // QEMU zeroes the whole subcluster: a whole cluster when the subcluster is one,
+            // or when it starts a cluster and reaches the image's end.
             let whole_cluster = sub == geo.align_down(sub)
-                && (sub_end - sub == geo.cluster_size() || sub_end == self.virtual_size());
+                && (sc == geo.cluster_size() || sub + sc >= self.virtual_size());
             if !rest_zero {
                 None
             } else if !whole_cluster {
@@ -307,21 +375,21 @@ impl Image {
                         self.begin(&mut st, &plan);
                         drop(st);
                         self.run(plan, &[])?;
-                        return r;
+                        return r.map(|()| None);
                     }
                     None => None,
                 }
             }
         };
         match plan {
-            Some(plan) => self.run(plan, &[]),
-            None => self.zero_bytes(s, e, flags),
+            Some(plan) => self.run(plan, &[]).map(|()| None),
+            None => Ok(Some((s, e))),
         }
     }
 
     /// Extended L2, part of a cluster: mark the subclusters zero (no refcount change, no
-    /// host I/O, as QEMU). Compressed clusters get zero bytes instead.
-    fn zero_subclusters(&self, s: u64, e: u64, flags: ZeroFlags) -> Result<()> {
+    /// host I/O, as QEMU). False: a compressed cluster, which cannot be partly zeroed.
+    fn zero_subclusters(&self, s: u64, e: u64) -> Result<bool> {
         let plan = {
             let mut st = self.lock_unclaimed(s >> self.geo.cluster_bits())?;
             st.meta.prepare_first_write()?;
@@ -329,8 +397,8 @@ impl Image {
             self.subclusters_locked(&mut st, s, e)?
         };
         match plan {
-            Some(plan) => self.run(plan, &[]),
-            None => self.zero_bytes(s, e, flags),
+            Some(plan) => self.run(plan, &[]).map(|()| true),
+            None => Ok(false),
         }
     }
 
@@ -344,7 +412,7 @@ impl Image {
         let slot = st.meta.l2_slot_for_write(s)?;
         let (entry, _) = st.meta.l2_lookup(s)?;
         let first = geo.subcluster_index(s);
-        let n = ((e - s) / geo.subcluster_size()) as u32;
+        let n = (e - s).div_ceil(geo.subcluster_size()) as u32;
         let bm = (entry.bitmap | bitmap::zero_range(first, n)) & !bitmap::alloc_range(first, n);
         if bm != entry.bitmap {
             st.meta.set_l2(slot, s, L2Entry::new(entry.word, bm))?;
