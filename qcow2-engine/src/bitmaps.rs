@@ -12,9 +12,9 @@
 //! disk.
 
 use qcow2_format::bitmaps::{
-    bits_for, table_size_for, BitmapDirEntry, TableEntry, MAX_BITMAPS,
-    MAX_BITMAP_DIRECTORY_SIZE, MAX_BITMAP_NAME_SIZE, MAX_BITMAP_PHYS_SIZE, MAX_BITMAP_TABLE_SIZE,
-    MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS,
+    bits_for, table_size_for, BitmapDirEntry, TableEntry, MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE,
+    MAX_BITMAP_NAME_SIZE, MAX_BITMAP_PHYS_SIZE, MAX_BITMAP_TABLE_SIZE, MAX_GRANULARITY_BITS,
+    MIN_GRANULARITY_BITS,
 };
 
 use crate::error::{invalid_arg, Error, Result};
@@ -96,7 +96,11 @@ impl Image {
 
     /// The index of bitmap `name`, which must be consistent.
     fn usable(st: &State, name: &str) -> Result<usize> {
-        let i = st.meta.bitmaps.find(name.as_bytes()).ok_or_else(|| not_found(name))?;
+        let i = st
+            .meta
+            .bitmaps
+            .find(name.as_bytes())
+            .ok_or_else(|| not_found(name))?;
         if st.meta.bitmaps.list[i].in_use {
             return Err(inconsistent(name));
         }
@@ -124,7 +128,9 @@ impl Image {
         let cs = self.geo.cluster_size();
         let g = granularity.unwrap_or_else(|| cs.clamp(4096, 65536));
         if !g.is_power_of_two() || g < 1 << MIN_GRANULARITY_BITS {
-            return Err(invalid_arg!("Granularity must be power of 2 and at least 512"));
+            return Err(invalid_arg!(
+                "Granularity must be power of 2 and at least 512"
+            ));
         }
         if g > 1 << MAX_GRANULARITY_BITS {
             return Err(invalid_arg!(
@@ -167,7 +173,9 @@ impl Image {
             .map(BitmapDirEntry::encoded_len)
             .sum();
         if dir_size as u64 > MAX_BITMAP_DIRECTORY_SIZE {
-            return Err(Error::NoSpace("Not enough space in the bitmap directory".into()));
+            return Err(Error::NoSpace(
+                "Not enough space in the bitmap directory".into(),
+            ));
         }
         let m = &mut st.meta;
         let table_off = m.bitmap_new_table(n, &[])?;
@@ -197,7 +205,10 @@ impl Image {
     pub fn bitmap_remove(&self, name: &str) -> Result<()> {
         let mut st = self.lock_for_bitmaps()?;
         let m = &mut st.meta;
-        let i = m.bitmaps.find(name.as_bytes()).ok_or_else(|| not_found(name))?;
+        let i = m
+            .bitmaps
+            .find(name.as_bytes())
+            .ok_or_else(|| not_found(name))?;
         let b = m.bitmaps.list.remove(i);
         if let Err(e) = m.bitmaps_write_directory() {
             m.bitmaps.list.insert(i, b);
@@ -245,7 +256,12 @@ impl Image {
     /// dirty in the target; granularities may differ). The source is a bitmap of this
     /// image, or of `source_image` (qemu-img's `-b`), whose virtual size must be this
     /// image's.
-    pub fn bitmap_merge(&self, target: &str, source: &str, source_image: Option<&Image>) -> Result<()> {
+    pub fn bitmap_merge(
+        &self,
+        target: &str,
+        source: &str,
+        source_image: Option<&Image>,
+    ) -> Result<()> {
         let other = source_image.filter(|o| !std::ptr::eq(*o, self));
         let from_other = match other {
             Some(o) => Some(o.bitmap_snapshot(source)?),
