@@ -16,7 +16,16 @@ fn smoke() {
         qemu_img(&["create", "-q", "-f", "qcow2", ps, "16M"]);
         qemu_img(&["bitmap", "--add", "-g", "4096", ps, "b"]);
     }
-    qemu_io(&["-f", "qcow2"], &a, &["write 100 10".into(), "discard 1M 100000".into(), "write -z 3M 1000".into(), "write -z -u 5M 70000".into()]);
+    qemu_io(
+        &["-f", "qcow2"],
+        &a,
+        &[
+            "write 100 10".into(),
+            "discard 1M 100000".into(),
+            "write -z 3M 1000".into(),
+            "write -z -u 5M 70000".into(),
+        ],
+    );
     let img = Image::open(&b, &OpenOptions::parse("discard=unmap").unwrap()).unwrap();
     img.write_at(&[1u8; 10], 100).unwrap();
     img.discard(1 << 20, 100000).unwrap();

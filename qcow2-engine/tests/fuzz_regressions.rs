@@ -187,7 +187,11 @@ fn bitmap_clusters_are_counted_while_the_extension_is_trusted() {
             .unwrap();
         assert_eq!(q.status.code(), Some(3), "qemu-img check: leaks only");
         let rep = img.check(repair).unwrap();
-        assert_eq!((rep.leaks, rep.leaks_fixed), (leaks, leaks), "{repair:?}: {rep:?}");
+        assert_eq!(
+            (rep.leaks, rep.leaks_fixed),
+            (leaks, leaks),
+            "{repair:?}: {rep:?}"
+        );
         img.close().unwrap();
         assert_check_clean(&p);
     }

@@ -80,8 +80,7 @@ impl BitmapDirEntry {
     /// clusters: why the entry is unusable, if it is. A bitmap that is not in use must
     /// have a table large enough for the virtual size.
     pub fn check(&self, cluster_size: u64, virtual_size: u64) -> std::result::Result<(), String> {
-        if self.table_size == 0 || self.table_offset == 0 || self.table_offset % cluster_size != 0
-        {
+        if self.table_size == 0 || self.table_offset == 0 || self.table_offset % cluster_size != 0 {
             return Err(format!(
                 "bitmap table at {:#x} with {} entries",
                 self.table_offset, self.table_size
@@ -341,7 +340,10 @@ mod tests {
         assert!(v[0].check(65536, 33 << 30).is_err());
         let mut in_use = v[0].clone();
         in_use.flags |= BME_FLAG_IN_USE;
-        assert!(in_use.check(65536, 33 << 30).is_ok(), "in-use bitmaps may be short");
+        assert!(
+            in_use.check(65536, 33 << 30).is_ok(),
+            "in-use bitmaps may be short"
+        );
         assert_eq!(table_size_for(bits_for(32 << 30, 16), 65536), 1);
         assert_eq!(table_size_for(bits_for((32 << 30) + 1, 16), 65536), 2);
     }
@@ -355,7 +357,10 @@ mod tests {
             TableEntry::decode(0x5_0000, cs).unwrap(),
             TableEntry::Cluster(0x5_0000)
         );
-        assert!(TableEntry::decode(0x5_0001, cs).is_err(), "bit 0 beside an offset");
+        assert!(
+            TableEntry::decode(0x5_0001, cs).is_err(),
+            "bit 0 beside an offset"
+        );
         assert!(TableEntry::decode(0x5_0200, cs).is_err(), "unaligned");
         assert!(TableEntry::decode(2, cs).is_err());
         assert_eq!(TableEntry::Cluster(0x5_0000).encode(), 0x5_0000);

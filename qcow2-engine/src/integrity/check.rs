@@ -149,7 +149,8 @@ impl Image {
             let storage = m.storage.clone();
             m.header.restrict_autoclear(&*storage, keep)?;
             if keep == 0 {
-                m.bitmaps.forget("a repair found the bitmaps extension damaged");
+                m.bitmaps
+                    .forget("a repair found the bitmaps extension damaged");
             }
         }
         let mut rep = CheckReport {

@@ -195,7 +195,11 @@ impl HeaderState {
     /// the new directory. A payload straddling a sector boundary (not QEMU's layouts) is
     /// written with bit 0 cleared around it: a crash then leaves the bitmaps untrusted
     /// (QEMU and this library drop them), never a mix of two directories.
-    pub(crate) fn switch_bitmaps_ext(&mut self, storage: &dyn Storage, new: BitmapsExt) -> Result<()> {
+    pub(crate) fn switch_bitmaps_ext(
+        &mut self,
+        storage: &dyn Storage,
+        new: BitmapsExt,
+    ) -> Result<()> {
         let (offs, _) = self.ext_layout();
         let idx = self
             .area

@@ -302,7 +302,7 @@ impl Image {
                 // corrupt reference may point there; zeroing it would grow the file).
                 let len = cs.min(st.meta.alloc.end().saturating_sub(offset));
                 plan.effect(offset, len, effect);
-                }
+            }
         }
         Ok(())
     }

@@ -28,9 +28,7 @@ pub fn qemu_dirty_map(image: &Path, name: &str) -> DirtyMap {
         .arg(image)
         .arg("]")
         .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run nbdinfo ({e}); install libnbd-bin and qemu-utils")
-        });
+        .unwrap_or_else(|e| panic!("cannot run nbdinfo ({e}); install libnbd-bin and qemu-utils"));
     assert!(
         out.status.success(),
         "nbdinfo/qemu-nbd -B {name} {}: {}",
@@ -43,7 +41,10 @@ pub fn qemu_dirty_map(image: &Path, name: &str) -> DirtyMap {
         if f.len() < 3 {
             continue;
         }
-        let n = |s: &str| s.parse::<u64>().unwrap_or_else(|_| panic!("bad nbdinfo line {line}"));
+        let n = |s: &str| {
+            s.parse::<u64>()
+                .unwrap_or_else(|_| panic!("bad nbdinfo line {line}"))
+        };
         push(&mut map, n(f[0]), n(f[1]), n(f[2]) & 1 == 1);
     }
     map
@@ -55,7 +56,9 @@ pub fn engine_dirty_map(img: &Image, name: &str) -> DirtyMap {
     let mut map = DirtyMap::new();
     let mut off = 0;
     while off < size {
-        let (n, dirty) = img.bitmap_dirty(name, off, size - off).expect("bitmap_dirty");
+        let (n, dirty) = img
+            .bitmap_dirty(name, off, size - off)
+            .expect("bitmap_dirty");
         assert!(n > 0);
         push(&mut map, off, n, dirty);
         off += n;
@@ -81,7 +84,11 @@ pub fn qemu_bitmaps(image: &Path) -> Vec<(String, u64, Vec<String>)> {
                 b["granularity"].as_u64().unwrap_or(0),
                 b["flags"]
                     .as_array()
-                    .map(|f| f.iter().map(|x| x.as_str().unwrap_or("").to_string()).collect())
+                    .map(|f| {
+                        f.iter()
+                            .map(|x| x.as_str().unwrap_or("").to_string())
+                            .collect()
+                    })
                     .unwrap_or_default(),
             )
         })

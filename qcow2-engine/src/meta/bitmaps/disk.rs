@@ -68,7 +68,12 @@ impl Meta {
                 TableEntry::Cluster(d) => {
                     for (s, n) in runs(&secs) {
                         let buf = vec![0xffu8; (n * CHUNK_BYTES) as usize];
-                        self.write_meta(&buf, d + s * CHUNK_BYTES, MetaKind::BitmapData, "bitmap data")?;
+                        self.write_meta(
+                            &buf,
+                            d + s * CHUNK_BYTES,
+                            MetaKind::BitmapData,
+                            "bitmap data",
+                        )?;
                     }
                 }
                 TableEntry::Zeros => fresh.push((i, t, secs)),
@@ -135,7 +140,12 @@ impl Meta {
     /// Write table entry `t` of bitmap `i` (8 bytes: atomic), then record it.
     fn set_table_entry(&mut self, i: usize, t: u64, e: TableEntry) -> Result<()> {
         let off = self.bitmaps.list[i].table_off + t * 8;
-        self.write_meta(&e.encode().to_be_bytes(), off, MetaKind::BitmapTable, "bitmap table entry")?;
+        self.write_meta(
+            &e.encode().to_be_bytes(),
+            off,
+            MetaKind::BitmapTable,
+            "bitmap table entry",
+        )?;
         self.bitmaps.list[i].table[t as usize] = e;
         Ok(())
     }
@@ -180,11 +190,20 @@ impl Meta {
                 (TableEntry::Cluster(d), Content::Mixed) => {
                     for (s, n) in runs(&secs) {
                         let buf = chunk_bytes(&self.bitmaps.list[i], t * spc + s, n, unarm);
-                        self.write_meta(&buf, d + s * CHUNK_BYTES, MetaKind::BitmapData, "bitmap data")?;
+                        self.write_meta(
+                            &buf,
+                            d + s * CHUNK_BYTES,
+                            MetaKind::BitmapData,
+                            "bitmap data",
+                        )?;
                     }
                 }
-                (TableEntry::Cluster(d), Content::Zeros) => entries.push((t, TableEntry::Zeros, Some(d))),
-                (TableEntry::Cluster(d), Content::Ones) => entries.push((t, TableEntry::Ones, Some(d))),
+                (TableEntry::Cluster(d), Content::Zeros) => {
+                    entries.push((t, TableEntry::Zeros, Some(d)))
+                }
+                (TableEntry::Cluster(d), Content::Ones) => {
+                    entries.push((t, TableEntry::Ones, Some(d)))
+                }
                 (_, Content::Mixed) => fresh.push(t),
                 (TableEntry::Ones, Content::Zeros) => entries.push((t, TableEntry::Zeros, None)),
                 (TableEntry::Zeros, Content::Ones) => entries.push((t, TableEntry::Ones, None)),
@@ -317,7 +336,12 @@ impl Meta {
             .map(|b| qcow2_format::bitmaps::BitmapDirEntry::encoded_len(b.name.len()))
             .sum();
         let flags = self.bitmaps.list[i].flags();
-        self.write_meta(&flags.to_be_bytes(), dir + pos as u64 + 12, MetaKind::BitmapDirectory, "bitmap directory entry")?;
+        self.write_meta(
+            &flags.to_be_bytes(),
+            dir + pos as u64 + 12,
+            MetaKind::BitmapDirectory,
+            "bitmap directory entry",
+        )?;
         self.sync()
     }
 

@@ -116,26 +116,45 @@ fn read(
         )));
     }
     let mut dir = vec![0u8; ext.directory_size as usize];
-    read_exact(storage, &mut dir, ext.directory_offset, file_len, "bitmap directory")?;
-    let entries =
-        parse_directory(&dir, ext.nb_bitmaps).map_err(|e| damage(format!("bitmap directory: {e}")))?;
-    let used = entries
-        .last()
-        .map_or(0, |e| e.at + BitmapDirEntry::encoded_len(e.name.len() + e.extra_data_size as usize));
+    read_exact(
+        storage,
+        &mut dir,
+        ext.directory_offset,
+        file_len,
+        "bitmap directory",
+    )?;
+    let entries = parse_directory(&dir, ext.nb_bitmaps)
+        .map_err(|e| damage(format!("bitmap directory: {e}")))?;
+    let used = entries.last().map_or(0, |e| {
+        e.at + BitmapDirEntry::encoded_len(e.name.len() + e.extra_data_size as usize)
+    });
     if used as u64 != ext.directory_size {
-        return Err(damage("broken bitmap directory (its size does not match its entries)"));
+        return Err(damage(
+            "broken bitmap directory (its size does not match its entries)",
+        ));
     }
-    regions.push((ext.directory_offset, ext.directory_size, MetaKind::BitmapDirectory));
+    regions.push((
+        ext.directory_offset,
+        ext.directory_size,
+        MetaKind::BitmapDirectory,
+    ));
     let mut total = 0u64;
     for e in &entries {
         let name = String::from_utf8_lossy(&e.name);
-        e.check(cs, virtual_size)
-            .map_err(|why| damage(format!("bitmap '{name}' doesn't satisfy the constraints: {why}")))?;
+        e.check(cs, virtual_size).map_err(|why| {
+            damage(format!(
+                "bitmap '{name}' doesn't satisfy the constraints: {why}"
+            ))
+        })?;
         if out.list.iter().any(|b| b.name == e.name) {
             return Err(damage(format!("bitmap '{name}' appears twice")));
         }
         let in_use = e.flags & BME_FLAG_IN_USE != 0;
-        let nbits = if in_use { 0 } else { bits_for(virtual_size, e.granularity_bits) };
+        let nbits = if in_use {
+            0
+        } else {
+            bits_for(virtual_size, e.granularity_bits)
+        };
         if !in_use && table_size_for(nbits, cs) != u64::from(e.table_size) {
             return Err(damage(format!(
                 "bitmap '{name}': a table of {} entries does not fit the virtual size",
@@ -144,7 +163,9 @@ fn read(
         }
         total += nbits.div_ceil(8);
         if total > MAX_TOTAL_BITMAP_BYTES {
-            return Err(damage(format!("the bitmaps would take more than {MAX_TOTAL_BITMAP_BYTES} bytes of memory")));
+            return Err(damage(format!(
+                "the bitmaps would take more than {MAX_TOTAL_BITMAP_BYTES} bytes of memory"
+            )));
         }
         let table = match read_table(storage, e, cs, file_len) {
             Ok(t) => t,
@@ -189,7 +210,10 @@ fn read(
         });
     }
     // The bitmaps' own clusters must not overlap each other.
-    let mut sorted: Vec<_> = regions.iter().map(|&(s, l, _)| (s, s.saturating_add(l))).collect();
+    let mut sorted: Vec<_> = regions
+        .iter()
+        .map(|&(s, l, _)| (s, s.saturating_add(l)))
+        .collect();
     sorted.sort_unstable();
     if sorted.windows(2).any(|w| w[1].0 < w[0].1) {
         return Err(damage("the bitmaps' clusters overlap each other"));
