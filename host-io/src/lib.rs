@@ -16,7 +16,7 @@
 //!   `FALLOC_FL_WRITE_ZEROES`, mode 0); devices use `BLKDISCARD`, `BLKZEROOUT`,
 //!   `BLKGETSIZE64`, `BLKSSZGET` and sysfs queue limits. In direct mode any offset/length
 //!   works: unaligned requests are bounced through an [`AlignedBuf`] with read-modify-write
-//!   of edge blocks. [`FileStorage::map_readonly`] gives a `memmap2` view for scanning.
+//!   of edge blocks.
 //! * [`MemStorage`]: sparse in-memory storage tracking allocation per 4 KiB block, with
 //!   configurable capabilities ([`MemOptions`]) to drive the engine down every fallback.
 //! * [`FaultyStorage`]: wraps any storage and injects errno failures ([`Fault`]): fail the
@@ -59,35 +59,48 @@
 //! [`error_text`] words an error as a C library would (no " (os error N)" suffix).
 //!
 //! All `unsafe` code lives in the private `sys` module (thin wrappers over `fallocate`,
-//! block-device ioctls, `lseek`, `preadv`/`pwritev`, `mmap`, `fcntl` locks and flags, and
-//! `strerror_r`).
+//! block-device ioctls, `lseek`, `preadv`/`pwritev`, `fcntl` locks and flags, and
+//! `strerror_r`): the crate denies `unsafe_code` everywhere else.
+//!
+//! # Test backends
+//! [`MemStorage`], [`FaultyStorage`] and [`CrashStorage`] exist with the `testing` feature
+//! only (the engine's and the C API's tests turn it on): a production build of the library
+//! carries none of them.
+#![deny(unsafe_code)]
 
 mod aligned_buf;
 mod blockdev;
+#[cfg(feature = "testing")]
 mod crash;
 mod error;
+#[cfg(feature = "testing")]
 mod faulty;
 mod file;
 mod file_io;
 mod file_zero;
 mod forward;
 mod lock;
+#[cfg(feature = "testing")]
 mod mem;
 mod op;
 mod prng;
 mod probe;
 mod storage;
+#[allow(unsafe_code)] // the one home of system calls; each block has a SAFETY note
 mod sys;
 
 pub use aligned_buf::AlignedBuf;
+#[cfg(feature = "testing")]
 pub use crash::{CrashPolicy, CrashStorage, OpRecord, TORN_SECTOR};
 pub use error::{error_text, raw_os_error_of, with_context, ContextError};
+#[cfg(feature = "testing")]
 pub use faulty::{Fault, FaultyStorage};
 pub use file::{FileOptions, FileStorage, Primitive};
 pub use lock::{
     LockConflict, LockRequest, Locking, Perms, LOCK_CONFLICT_ERRNO, LOCK_PERM_BASE,
     LOCK_SHARED_BASE,
 };
+#[cfg(feature = "testing")]
 pub use mem::{MemOptions, MemStorage, DISCARD_FILL, MEM_BLOCK_SIZE};
 pub use op::OpKind;
 pub use prng::SplitMix64;
