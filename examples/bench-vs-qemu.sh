@@ -92,6 +92,9 @@ echo "scaling: allocated 4K stepped reads, DEPTH threads (ratio = d2 / d1; below
 d1=$(best "" "$BENCH" -c "$COUNT" -d 1 -s 4096 -S 1052672 "$work/full.qcow2")
 d2=$(best "" "$BENCH" -c "$COUNT" -d 2 -s 4096 -S 1052672 "$work/full.qcow2")
 row "qcowprov-bench d2 / d1" "$d2" "$d1"
+r1=$(best "" "$BENCH" -f raw -c "$COUNT" -d 1 -s 4096 -S 1052672 "$work/full.raw")
+r2=$(best "" "$BENCH" -f raw -c "$COUNT" -d 2 -s 4096 -S 1052672 "$work/full.raw")
+row "qcowprov-bench -f raw d2 / d1 (the raw file's scaling)" "$r2" "$r1"
 
 # qemu-io vs qcowprov-io on one command file.
 timed() { # prints seconds of "$@" < stdin file $1
@@ -186,3 +189,10 @@ row "qcowprov-io 1T / 1G" "$(wall "$QIO" -c "read -q 0 4k" "$work/open1t.qcow2")
     "$(wall "$QIO" -c "read -q 0 4k" "$work/open1g.qcow2")"
 row "qemu-io 1T / 1G" "$(wall qemu-io -c "read -q 0 4k" "$work/open1t.qcow2")" \
     "$(wall qemu-io -c "read -q 0 4k" "$work/open1g.qcow2")"
+
+echo
+# Thin provisioning without a flush per free: the engine's replay example (20,000 requests,
+# 70% 4 KiB writes, 30% 64 KiB discards, 64 MiB image) in every policy, with the host
+# flushes it issued, the quarantine releases and the file length; ratio to provision=metadata.
+echo "thin-provisioning replay, every policy (qcow2-engine/examples/replay.rs)"
+(cd "$(dirname "$0")/.." && cargo run -q --release -p qcow2-engine --example replay "$work" "$REPS")
