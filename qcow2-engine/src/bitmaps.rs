@@ -191,6 +191,7 @@ impl Image {
             table: vec![TableEntry::Zeros; n as usize],
             armed: Bits::new(chunks),
             touched: Bits::new(chunks),
+            idle: Bits::new(chunks),
         });
         if let Err(e) = m.bitmaps_write_directory() {
             // The table stays allocated (the new directory may have reached the disk).

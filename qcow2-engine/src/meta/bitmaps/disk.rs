@@ -233,13 +233,14 @@ impl Meta {
             for &c in chunks {
                 b.armed.clear_range(c, c + 1);
                 b.touched.clear_range(c, c + 1);
+                b.idle.clear_range(c, c + 1);
             }
         }
         Ok(())
     }
 
-    /// At a flush (after its sync): store the armed chunks no request touched since the
-    /// previous flush with their exact bits and disarm them (md's lazy clearing); the
+    /// At a flush (after its sync): store the armed chunks no request touched in the last
+    /// two flush intervals with their exact bits and disarm them (md's lazy clearing); the
     /// others stay armed. The writes are made durable by a later barrier.
     pub(crate) fn bitmaps_lazy_clear(&mut self) -> Result<()> {
         if !self.bitmaps.maintained() {
@@ -250,7 +251,17 @@ impl Meta {
             if b.in_use {
                 continue;
             }
-            let idle: Vec<u64> = b.armed.ones().filter(|&c| !b.touched.get(c)).collect();
+            let mut idle = Vec::new();
+            let armed: Vec<u64> = b.armed.ones().collect();
+            for c in armed {
+                if b.touched.get(c) {
+                    b.idle.clear_range(c, c + 1);
+                } else if b.idle.get(c) {
+                    idle.push(c);
+                } else {
+                    b.idle.set_range(c, c + 1);
+                }
+            }
             b.touched.clear_all();
             if !idle.is_empty() {
                 self.bitmap_store_chunks(i, &idle, true, false)?;
@@ -284,6 +295,7 @@ impl Meta {
         b.bits.clear_all();
         b.armed.clear_all();
         b.touched.clear_all();
+        b.idle.clear_all();
         for t in 0..b.table.len() as u64 {
             match self.bitmaps.list[i].table[t as usize] {
                 TableEntry::Zeros => {}
@@ -481,6 +493,7 @@ impl Meta {
             b.bits.resize(bits);
             b.armed.resize(bits.div_ceil(CHUNK_BITS));
             b.touched.resize(bits.div_ceil(CHUNK_BITS));
+            b.idle.resize(bits.div_ceil(CHUNK_BITS));
             let n = qcow2_format::bitmaps::table_size_for(bits, cs);
             if n != u64::from(b.table_size) {
                 grow.push((i, n));

@@ -207,6 +207,7 @@ fn read(
             table,
             armed: Bits::new(chunks),
             touched: Bits::new(chunks),
+            idle: Bits::new(chunks),
         });
     }
     // The bitmaps' own clusters must not overlap each other.

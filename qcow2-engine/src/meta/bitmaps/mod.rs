@@ -14,8 +14,11 @@
 //! are a superset of its bits in memory; an armed chunk's are all ones.
 //!
 //! Setting is batched (a chunk at a time, one sync per request that needs any); clearing
-//! is lazy: a chunk that saw no request between two flushes is rewritten with its exact
-//! bits and disarmed at the second flush; close stores every bitmap exactly.
+//! is lazy: a chunk that saw no request in two consecutive flush intervals is rewritten
+//! with its exact bits and disarmed at the flush that ends the second (md clears after
+//! a chunk has been idle for a while too: a chunk of a busy region, left untouched for
+//! one short interval by chance, is not cleared only to be armed again at its next
+//! write); close stores every bitmap exactly.
 
 mod bits;
 mod disk;
@@ -70,6 +73,9 @@ pub(crate) struct Bitmap {
     pub(crate) armed: Bits,
     /// Per chunk: a request touched it since the last flush.
     pub(crate) touched: Bits,
+    /// Per armed chunk: no request touched it between the last two flushes (one more
+    /// idle interval and it is cleared).
+    pub(crate) idle: Bits,
 }
 
 impl Bitmap {
