@@ -11,6 +11,9 @@
  * Request i goes to OFFSET + i*STEP, wrapped as qemu-img bench wraps (modulo
  * image size - request size). `-f raw` runs the same loop with pread/pwrite on
  * the file (O_DIRECT for -t none): the ceiling to compare against.
+ * `--random` (not in qemu-img bench) sends request i to a pseudo-random offset, a
+ * multiple of SIZE below the image size, from a fixed hash of i: every run with the
+ * same COUNT writes the same offsets (a bitmap cost measurement compares such runs).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -29,7 +32,7 @@ static const char *prog = "qcowprov-bench";
 
 struct bench {
     /* configuration */
-    int count, depth, is_write, pattern, flush_interval, raw;
+    int count, depth, is_write, pattern, flush_interval, raw, random;
     uint64_t bufsize, step, offset, image_size;
     qcowprov_image *img;
     int fd;
@@ -44,7 +47,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: %s [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-w]\n"
-            "       [-t none|writeback] [--pattern=BYTE] [--flush-interval=N] [-f qcow2|raw] [-q] FILE\n",
+            "       [-t none|writeback] [--pattern=BYTE] [--flush-interval=N] [--random] [-f qcow2|raw] [-q] FILE\n",
             prog);
 }
 
@@ -52,6 +55,14 @@ static uint64_t request_offset(const struct bench *b, uint64_t i)
 {
     uint64_t m;
 
+    if (b->random) {
+        /* splitmix64 of the index: a fixed, well spread sequence. */
+        uint64_t z = i + 0x9e3779b97f4a7c15ULL * (i + 1);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        z ^= z >> 31;
+        return b->image_size < b->bufsize ? 0 : z % (b->image_size / b->bufsize) * b->bufsize;
+    }
     if (i == 0)
         return b->offset;
     if (b->image_size <= b->bufsize)
@@ -140,6 +151,7 @@ int main(int argc, char **argv)
     static const struct option long_opts[] = {
         { "pattern", required_argument, NULL, 'P' },
         { "flush-interval", required_argument, NULL, 'I' },
+        { "random", no_argument, NULL, 'R' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -224,6 +236,7 @@ int main(int argc, char **argv)
                 return 1;
             }
             break;
+        case 'R': b.random = 1; break;
         case 'q': quiet = 1; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 1;

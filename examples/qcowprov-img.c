@@ -1,17 +1,25 @@
 /*
- * qcowprov-img: qemu-img's create, info, check and map over the libqcowprov C API.
+ * qcowprov-img: qemu-img's create, info, check, map and bitmap over the libqcowprov
+ * C API.
  *
  *   qcowprov-img create [-q] [-f qcow2] [-o OPTS] [-b BACKING -F FMT] FILE [SIZE]
  *   qcowprov-img info  [-U] [--output=human|json] FILE
  *   qcowprov-img check [-q] [-U] [-r leaks|all] [--output=human|json] FILE
  *   qcowprov-img map   [-U] [--output=human|json] FILE
+ *   qcowprov-img bitmap (--merge SOURCE | --add | --remove | --clear | --enable |
+ *                        --disable)... [-f qcow2] [-b SRC_FILE [-F qcow2]] [-g SIZE]
+ *                        FILE BITMAP
  *
  * Output follows qemu-img: `map --output=json` and `check --output=json` are
  * byte-for-byte qemu-img's; check exits 0 clean, 2 corruptions, 3 leaks only,
  * 1 when the check itself fails. Opens take QEMU's image locks; -U (force-share)
  * looks at an image another program writes, as qemu-img -U. create refuses an
  * existing regular file and formats an existing block device (qcowprov_format:
- * refused while the device is in use).
+ * refused while the device is in use). bitmap runs its actions in order, as
+ * qemu-img does, and stops at the first failure ("Operation add on bitmap B
+ * failed: ..."), exit 1; info lists persistent bitmaps as qemu-img does. Warnings
+ * about an image's bitmaps (left behind by a program without bitmap support, or
+ * damaged) go to stderr, as qemu-img's.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -43,8 +51,10 @@ static void usage(FILE *f)
             "       %s info [-U] [--output=human|json] FILE\n"
             "       %s check [-q] [-U] [-r leaks|all] [--output=human|json] FILE\n"
             "       %s map [-U] [--output=human|json] FILE\n"
+            "       %s bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)...\n"
+            "              [-f qcow2] [-b SRC_FILE [-F qcow2]] [-g SIZE] FILE BITMAP\n"
             "  -U  force shared permissions: read an image another program has open for writing\n",
-            prog, prog, prog, prog);
+            prog, prog, prog, prog, prog);
 }
 
 enum { OUT_HUMAN, OUT_JSON };
@@ -72,6 +82,15 @@ static const struct option long_opts[] = {
 /* QCOWPROV_OPEN_FORCE_SHARE when -U was given. */
 static uint32_t share_flag;
 
+/* What the library found about an image's bitmaps, as qemu-img's warnings. */
+static void bitmap_warnings(qcowprov_image *img)
+{
+    char buf[1024];
+
+    for (uint32_t i = 0; qcowprov_bitmap_warning(img, i, buf, sizeof buf) >= 0; i++)
+        fprintf(stderr, "%s: warning: %s\n", prog, buf);
+}
+
 static int open_image(const char *path, uint32_t flags, qcowprov_image **img)
 {
     int r = qcowprov_open(path, NULL, flags | share_flag, img);
@@ -84,8 +103,94 @@ static int open_image(const char *path, uint32_t flags, qcowprov_image **img)
             fprintf(stderr, "%s: Could not open '%s': %s\n", prog, path, msg);
         else
             fprintf(stderr, "%s: %s\n", prog, msg);
+    } else {
+        bitmap_warnings(*img);
     }
     return r;
+}
+
+/* The image's persistent bitmaps (count 0 when there are none). */
+struct bitmap_list {
+    int count;
+    struct qcowprov_bitmap *b;
+};
+
+static int list_bitmaps(qcowprov_image *img, struct bitmap_list *l)
+{
+    int n = qcowprov_bitmap_count(img);
+
+    l->count = 0;
+    l->b = NULL;
+    if (n < 0) {
+        report(prog, "bitmap_count", n);
+        return -1;
+    }
+    if (n == 0)
+        return 0;
+    l->b = calloc((size_t)n, sizeof *l->b);
+    if (l->b == NULL)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        int r;
+
+        l->b[i].struct_size = sizeof l->b[i];
+        r = qcowprov_bitmap_get(img, (uint32_t)i, &l->b[i]);
+        if (r < 0) {
+            report(prog, "bitmap_get", r);
+            free(l->b);
+            l->b = NULL;
+            return -1;
+        }
+    }
+    l->count = n;
+    return 0;
+}
+
+/* qemu-img's flag names, in its order. */
+static int bitmap_flag_names(uint32_t flags, const char *names[2])
+{
+    int n = 0;
+
+    if (flags & QCOWPROV_BITMAP_IN_USE)
+        names[n++] = "in-use";
+    if (flags & QCOWPROV_BITMAP_ENABLED)
+        names[n++] = "auto";
+    return n;
+}
+
+static void print_bitmaps_json(const struct bitmap_list *l)
+{
+    const char *names[2];
+
+    printf("            \"bitmaps\": [\n");
+    for (int i = 0; i < l->count; i++) {
+        int n = bitmap_flag_names(l->b[i].flags, names);
+
+        printf("                {\n                    \"flags\": [\n");
+        for (int k = 0; k < n; k++)
+            printf("                        \"%s\"%s\n", names[k], k + 1 < n ? "," : "");
+        printf("                    ],\n                    \"name\": ");
+        json_string(stdout, l->b[i].name);
+        printf(",\n                    \"granularity\": %" PRIu64 "\n", (uint64_t)l->b[i].granularity);
+        printf("                }%s\n", i + 1 < l->count ? "," : "");
+    }
+    printf("            ],\n");
+}
+
+static void print_bitmaps_human(const struct bitmap_list *l)
+{
+    const char *names[2];
+
+    printf("    bitmaps:\n");
+    for (int i = 0; i < l->count; i++) {
+        int n = bitmap_flag_names(l->b[i].flags, names);
+
+        printf("        [%d]:\n            flags:\n", i);
+        for (int k = 0; k < n; k++)
+            printf("                [%d]: %s\n", k, names[k]);
+        printf("            name: %s\n", l->b[i].name);
+        printf("            granularity: %" PRIu64 "\n", (uint64_t)l->b[i].granularity);
+    }
 }
 
 static int get_info(qcowprov_image *img, struct qcowprov_info *info)
@@ -288,6 +393,7 @@ static int cmd_info(int argc, char **argv)
     uint64_t actual = 0;
     char s[64];
     char *full = NULL;
+    struct bitmap_list bitmaps = { 0, NULL };
 
     optind = 1;
     while ((c = getopt_long(argc, argv, "+Uh", long_opts, NULL)) != -1) {
@@ -306,6 +412,8 @@ static int cmd_info(int argc, char **argv)
     if (open_image(file, QCOWPROV_OPEN_RDONLY | QCOWPROV_OPEN_NO_BACKING, &img) < 0)
         return 1;
     r = get_info(img, &info);
+    if (r == 0)
+        r = list_bitmaps(img, &bitmaps);
     qcowprov_close(img);
     if (r < 0)
         return 1;
@@ -341,6 +449,8 @@ static int cmd_info(int argc, char **argv)
                    (info.flags & QCOWPROV_INFO_COMPRESSION_ZSTD) ? "zstd" : "zlib");
             printf("            \"lazy-refcounts\": %s,\n",
                    (info.flags & QCOWPROV_INFO_LAZY_REFCOUNTS) ? "true" : "false");
+            if (bitmaps.count > 0)
+                print_bitmaps_json(&bitmaps);
             printf("            \"refcount-bits\": %u,\n", info.refcount_bits);
             printf("            \"corrupt\": %s,\n", (info.incompatible_features & 2) ? "true" : "false");
             printf("            \"extended-l2\": %s\n", (info.flags & QCOWPROV_INFO_EXTENDED_L2) ? "true" : "false");
@@ -385,6 +495,8 @@ static int cmd_info(int argc, char **argv)
             printf("    compat: 1.1\n");
             printf("    compression type: %s\n", (info.flags & QCOWPROV_INFO_COMPRESSION_ZSTD) ? "zstd" : "zlib");
             printf("    lazy refcounts: %s\n", (info.flags & QCOWPROV_INFO_LAZY_REFCOUNTS) ? "true" : "false");
+            if (bitmaps.count > 0)
+                print_bitmaps_human(&bitmaps);
             printf("    refcount bits: %u\n", info.refcount_bits);
             printf("    corrupt: %s\n", (info.incompatible_features & 2) ? "true" : "false");
             printf("    extended l2: %s\n", (info.flags & QCOWPROV_INFO_EXTENDED_L2) ? "true" : "false");
@@ -396,6 +508,7 @@ static int cmd_info(int argc, char **argv)
         printf("    default policy: %s\n", info.policy);
     }
     free(full);
+    free(bitmaps.b);
     return 0;
 }
 
@@ -751,6 +864,144 @@ out:
     return ret;
 }
 
+/* ---- bitmap ---- */
+
+enum { B_ADD = 1, B_REMOVE, B_CLEAR, B_ENABLE, B_DISABLE, B_MERGE };
+
+struct bitmap_action {
+    int act;
+    const char *src; /* --merge */
+};
+
+static const char *const bitmap_op_names[] = {
+    "", "add", "remove", "clear", "enable", "disable", "merge",
+};
+
+static int cmd_bitmap(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "add", no_argument, NULL, 'A' },
+        { "remove", no_argument, NULL, 'R' },
+        { "clear", no_argument, NULL, 'C' },
+        { "enable", no_argument, NULL, 'E' },
+        { "disable", no_argument, NULL, 'D' },
+        { "merge", required_argument, NULL, 'M' },
+        { "granularity", required_argument, NULL, 'g' },
+        { "source-file", required_argument, NULL, 'b' },
+        { "source-format", required_argument, NULL, 'F' },
+        { "format", required_argument, NULL, 'f' },
+        { NULL, 0, NULL, 0 },
+    };
+    struct bitmap_action *acts;
+    int nacts = 0, c, ret = 1, add = 0, merge = 0;
+    uint64_t granularity = 0;
+    const char *src_file = NULL, *src_fmt = NULL, *file, *name;
+    qcowprov_image *img = NULL, *src = NULL;
+
+    acts = calloc((size_t)argc, sizeof *acts);
+    if (acts == NULL)
+        return 1;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "+:b:f:F:g:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'A': acts[nacts++].act = B_ADD; add = 1; break;
+        case 'R': acts[nacts++].act = B_REMOVE; break;
+        case 'C': acts[nacts++].act = B_CLEAR; break;
+        case 'E': acts[nacts++].act = B_ENABLE; break;
+        case 'D': acts[nacts++].act = B_DISABLE; break;
+        case 'M':
+            acts[nacts].act = B_MERGE;
+            acts[nacts++].src = optarg;
+            merge = 1;
+            break;
+        case 'g':
+            if (parse_size(optarg, &granularity) < 0) {
+                fprintf(stderr, "%s: Invalid granularity specified\n", prog);
+                goto out;
+            }
+            break;
+        case 'b': src_file = optarg; break;
+        case 'F': src_fmt = optarg; break;
+        case 'f':
+            if (strcmp(optarg, "qcow2") != 0) {
+                fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, optarg);
+                goto out;
+            }
+            break;
+        case 'h': usage(stdout); ret = 0; goto out;
+        case ':':
+            fprintf(stderr, "%s: option '%s' requires an argument\n", prog, argv[optind - 1]);
+            goto out;
+        default:
+            fprintf(stderr, "%s: unrecognized option '%s'\n", prog, argv[optind - 1]);
+            goto out;
+        }
+    }
+    if (nacts == 0) {
+        fprintf(stderr, "%s: Need at least one of --add, --remove, --clear, --enable, "
+                        "--disable, or --merge\n", prog);
+        goto out;
+    }
+    if (granularity && !add) {
+        fprintf(stderr, "%s: granularity only supported with --add\n", prog);
+        goto out;
+    }
+    if (src_fmt && !src_file) {
+        fprintf(stderr, "%s: -F only supported with -b\n", prog);
+        goto out;
+    }
+    if (src_file && !merge) {
+        fprintf(stderr, "%s: Merge bitmap source file only supported with --merge\n", prog);
+        goto out;
+    }
+    if (src_fmt && strcmp(src_fmt, "qcow2") != 0) {
+        fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, src_fmt);
+        goto out;
+    }
+    if (optind != argc - 2) {
+        fprintf(stderr, "%s: Expecting filename and bitmap name\n", prog);
+        goto out;
+    }
+    file = argv[optind];
+    name = argv[optind + 1];
+    if (open_image(file, 0, &img) < 0)
+        goto out;
+    if (src_file && open_image(src_file, QCOWPROV_OPEN_RDONLY, &src) < 0)
+        goto out;
+    for (int i = 0; i < nacts; i++) {
+        int r = 0;
+
+        switch (acts[i].act) {
+        case B_ADD: r = qcowprov_bitmap_add(img, name, granularity, 0); break;
+        case B_REMOVE: r = qcowprov_bitmap_remove(img, name); break;
+        case B_CLEAR: r = qcowprov_bitmap_clear(img, name); break;
+        case B_ENABLE: r = qcowprov_bitmap_enable(img, name); break;
+        case B_DISABLE: r = qcowprov_bitmap_disable(img, name); break;
+        case B_MERGE: r = qcowprov_bitmap_merge(img, name, src, acts[i].src); break;
+        }
+        if (r < 0) {
+            fprintf(stderr, "%s: Operation %s on bitmap %s failed: %s\n", prog,
+                    bitmap_op_names[acts[i].act], name, lib_error(r));
+            goto out;
+        }
+    }
+    ret = 0;
+out:
+    if (src)
+        qcowprov_close(src);
+    if (img) {
+        int r = qcowprov_close(img);
+
+        if (r < 0 && ret == 0) {
+            report(prog, "close", r);
+            ret = 1;
+        }
+    }
+    free(acts);
+    return ret;
+}
+
 int main(int argc, char **argv)
 {
     const char *cmd;
@@ -768,6 +1019,8 @@ int main(int argc, char **argv)
         return cmd_check(argc - 1, argv + 1);
     if (strcmp(cmd, "map") == 0)
         return cmd_map(argc - 1, argv + 1);
+    if (strcmp(cmd, "bitmap") == 0)
+        return cmd_bitmap(argc - 1, argv + 1);
     if (strcmp(cmd, "-h") == 0 || strcmp(cmd, "--help") == 0) {
         usage(stdout);
         return 0;

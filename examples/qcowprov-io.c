@@ -9,6 +9,7 @@
  *   write   [-q] -z [-u] OFF LEN                (write zeroes; -u may unmap)
  *   discard [-q] OFF LEN
  *   flush
+ *   truncate OFF                                (grow the virtual size to OFF)
  *   map                                         (qemu-io's map: top-layer allocation)
  *   info                                        (qemu-io's info)
  *   policy                                      (the effective discard policy)
@@ -44,7 +45,7 @@ static void usage(FILE *f)
             "  -U          force shared permissions (with -r: look at an image another program writes)\n"
             "  -c COMMAND  run COMMAND (repeatable); without -c, commands are read from stdin\n"
             "commands: read [-q] [-P PAT] OFF LEN | write [-q] [-f] [-P PAT] OFF LEN |\n"
-            "          write [-q] -z [-u] OFF LEN | discard [-q] OFF LEN | flush | map | info | policy |\n"
+            "          write [-q] -z [-u] OFF LEN | discard [-q] OFF LEN | flush | truncate OFF | map | info | policy |\n"
             "          highest | quit\n",
             prog);
 }
@@ -269,6 +270,28 @@ static int cmd_discard(struct io_ctx *ctx, int argc, char **argv)
     return 0;
 }
 
+static int cmd_truncate(struct io_ctx *ctx, int argc, char **argv)
+{
+    uint64_t size;
+    int r;
+
+    if (argc != 2) {
+        fprintf(stderr, "bad argument count %d to %s, expected 1 arguments\n", argc - 1, argv[0]);
+        return -1;
+    }
+    if (parse_size(argv[1], &size) < 0) {
+        fprintf(stderr, "non-numeric length argument -- %s\n", argv[1]);
+        return -1;
+    }
+    r = qcowprov_resize(ctx->img, size);
+    if (r < 0) {
+        fprintf(stderr, "truncate: %s\n", lib_error(r));
+        return -1;
+    }
+    ctx->size = size;
+    return 0;
+}
+
 static int no_args(int argc, char **argv)
 {
     if (argc != 1) {
@@ -454,6 +477,8 @@ static int run_command(struct io_ctx *ctx, const char *line)
         ret = cmd_discard(ctx, argc, argv);
     } else if (!strcmp(argv[0], "flush") || !strcmp(argv[0], "f")) {
         ret = cmd_flush(ctx, argc, argv);
+    } else if (!strcmp(argv[0], "truncate") || !strcmp(argv[0], "t")) {
+        ret = cmd_truncate(ctx, argc, argv);
     } else if (!strcmp(argv[0], "map")) {
         ret = cmd_map(ctx, argc, argv);
     } else if (!strcmp(argv[0], "info") || !strcmp(argv[0], "i")) {

@@ -166,6 +166,36 @@
 #define QCOWPROV_CHECK_FIX_ALL 2
 
 /**
+ * The longest bitmap name in bytes, without the terminating NUL (QEMU's limit).
+ */
+#define QCOWPROV_BITMAP_NAME_MAX 1023
+
+/**
+ * Bitmap flag: the bitmap records writes (QEMU's "auto").
+ */
+#define QCOWPROV_BITMAP_ENABLED 1
+
+/**
+ * Bitmap flag: the image flags the bitmap in use (QEMU's "in-use"): the program that
+ * maintained it did not close the image. This library never sets that flag, not even
+ * while the image is open.
+ */
+#define QCOWPROV_BITMAP_IN_USE 2
+
+/**
+ * Bitmap flag: the bitmap's content cannot be trusted (it was in use when the image was
+ * opened). It is not tracked and only `qcowprov_bitmap_remove` accepts it: take a full
+ * backup, remove it and add it again.
+ */
+#define QCOWPROV_BITMAP_INCONSISTENT 4
+
+/**
+ * `qcowprov_bitmap_add` flag: the new bitmap does not record writes until
+ * `qcowprov_bitmap_enable` (qemu-img's `--add --disable`).
+ */
+#define QCOWPROV_BITMAP_ADD_DISABLED 1
+
+/**
  * The discard policy of an open image, as `qcowprov_info.provision` reports it.
  */
 enum qcowprov_provision
@@ -482,6 +512,34 @@ typedef struct qcowprov_stats {
      */
     uint64_t allocation_end;
 } qcowprov_stats;
+
+/**
+ * A persistent dirty bitmap, filled by `qcowprov_bitmap_get`. Set
+ * `struct_size = sizeof(struct qcowprov_bitmap)` before the call.
+ */
+typedef struct qcowprov_bitmap {
+    /**
+     * Set by the caller to `sizeof(struct qcowprov_bitmap)`; left unchanged.
+     */
+    uint32_t struct_size;
+    /**
+     * `QCOWPROV_BITMAP_ENABLED`, `QCOWPROV_BITMAP_IN_USE`, `QCOWPROV_BITMAP_INCONSISTENT`.
+     */
+    uint32_t flags;
+    /**
+     * Guest bytes per bit (a power of two, 512 to 2 GiB).
+     */
+    uint64_t granularity;
+    /**
+     * Bytes marked dirty: set bits times the granularity (QEMU's "count"; 0 for an
+     * inconsistent bitmap).
+     */
+    uint64_t dirty_bytes;
+    /**
+     * The name, NUL-terminated.
+     */
+    char name[1024];
+} qcowprov_bitmap;
 
 #ifdef __cplusplus
 extern "C" {
@@ -975,6 +1033,188 @@ int qcowprov_check(struct qcowprov_image *img,
  */
 int qcowprov_get_stats(struct qcowprov_image *img,
                        struct qcowprov_stats *stats);
+
+/**
+ * Returns the number of persistent bitmaps of `img` (0 when there are none, or when the
+ * image's bitmaps are damaged or were left behind by a program without bitmap support:
+ * `qcowprov_bitmap_warning` then says so).
+ *
+ * Thread-safety: thread-safe (another thread may add or remove bitmaps meanwhile).
+ *
+ * Returns the count, or a negative errno: `-EINVAL` for NULL `img`, `-EIO` for a handle
+ * that failed earlier.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`).
+ */
+int qcowprov_bitmap_count(struct qcowprov_image *img);
+
+/**
+ * Fills `*out` with bitmap number `index` (0 to `qcowprov_bitmap_count() - 1`, in the
+ * order of the image's bitmap directory): name, granularity, flags, dirty bytes. The
+ * caller sets `out->struct_size = sizeof(struct qcowprov_bitmap)` first.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 on success; `*out` is written only then (all fields but `struct_size`).
+ * Errors: `-ENOENT` for an index past the last bitmap; `-EINVAL` for NULL `img` or
+ * `out`, or `out->struct_size` smaller than the first version of the struct.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`);
+ * `out` NULL or valid for reads and writes of `out->struct_size` bytes.
+ */
+int qcowprov_bitmap_get(struct qcowprov_image *img, uint32_t index, struct qcowprov_bitmap *out);
+
+/**
+ * Copies warning number `index` about `img`'s bitmaps into `buf` (`size` bytes,
+ * NUL-terminated, truncated if needed): what opening found that a user should hear, as
+ * QEMU prints it (a bitmaps extension a program without bitmap support left behind,
+ * which the first write drops; damaged bitmaps, which are not maintained).
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns the warning's full length in bytes (as `snprintf`; `buf` may be NULL with
+ * `size` 0 to ask for it), or a negative errno: `-ENOENT` past the last warning,
+ * `-EINVAL` for NULL `img`, or NULL `buf` with a nonzero `size`.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`);
+ * `buf` NULL or valid for writes of `size` bytes.
+ */
+int qcowprov_bitmap_warning(struct qcowprov_image *img, uint32_t index, char *buf, size_t size);
+
+/**
+ * Adds the persistent bitmap `name` to `img`, recording writes from now on unless
+ * `flags` has `QCOWPROV_BITMAP_ADD_DISABLED` (qemu-img's `bitmap --add [-g GRANULARITY]
+ * [--disable]`). `granularity` is the guest bytes per bit, a power of two from 512 to
+ * 2 GiB; 0 means QEMU's default (the cluster size, within 4 KiB to 64 KiB). The bitmap
+ * is on disk when the call returns. A bitmaps extension that is damaged, or that a
+ * program without bitmap support left behind, is dropped first (as by any first write).
+ *
+ * Thread-safety: thread-safe; waits until requests in flight on other threads finish.
+ *
+ * Returns 0 on success. Errors: `-EEXIST` for a name in use; `-ENAMETOOLONG` for a name
+ * longer than `QCOWPROV_BITMAP_NAME_MAX` bytes; `-ENOSPC` when the image holds 65535
+ * bitmaps or the bitmap directory would exceed 64 MiB; `-EINVAL` for NULL `img` or
+ * `name`, an empty or non-UTF-8 name, a bad granularity, unknown flags, a bitmap that
+ * would exceed QEMU's size limit (use a larger granularity) or a 0-byte image;
+ * `-ENOTSUP` for a version 2 image; `-EROFS` for a read-only image; host errors.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`);
+ * `name` NULL or a NUL-terminated string.
+ */
+int qcowprov_bitmap_add(struct qcowprov_image *img,
+                        const char *name,
+                        uint64_t granularity,
+                        uint32_t flags);
+
+/**
+ * Removes the persistent bitmap `name` (consistent or not) and frees its clusters
+ * (qemu-img's `bitmap --remove`).
+ *
+ * Thread-safety: thread-safe; waits until requests in flight on other threads finish.
+ *
+ * Returns 0 on success. Errors: `-ENOENT` for no such bitmap; `-EINVAL` for NULL `img`
+ * or `name`; `-EROFS` for a read-only image; host errors.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`);
+ * `name` NULL or a NUL-terminated string.
+ */
+int qcowprov_bitmap_remove(struct qcowprov_image *img, const char *name);
+
+/**
+ * Clears the persistent bitmap `name`: no byte is dirty (qemu-img's `bitmap --clear`; a
+ * backup tool clears after copying what was dirty). Every write completed before the
+ * call is made durable first, so that after a crash the image holds what a backup read
+ * before the clear.
+ *
+ * Thread-safety: thread-safe; waits until requests in flight on other threads finish.
+ *
+ * Returns 0 on success. Errors: `-ENOENT` for no such bitmap; `-EINVAL` for NULL `img`
+ * or `name`, or an inconsistent bitmap; `-EROFS` for a read-only image; host errors.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`);
+ * `name` NULL or a NUL-terminated string.
+ */
+int qcowprov_bitmap_clear(struct qcowprov_image *img, const char *name);
+
+/**
+ * Makes the persistent bitmap `name` record writes (qemu-img's `bitmap --enable`); an
+ * enabled bitmap stays enabled.
+ *
+ * Thread-safety: thread-safe; waits until requests in flight on other threads finish.
+ *
+ * Returns 0 on success. Errors: `-ENOENT` for no such bitmap; `-EINVAL` for NULL `img`
+ * or `name`, or an inconsistent bitmap; `-EROFS` for a read-only image; host errors.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`);
+ * `name` NULL or a NUL-terminated string.
+ */
+int qcowprov_bitmap_enable(struct qcowprov_image *img, const char *name);
+
+/**
+ * Makes the persistent bitmap `name` stop recording writes (qemu-img's `bitmap
+ * --disable`); its bits are kept.
+ *
+ * Thread-safety: thread-safe; waits until requests in flight on other threads finish.
+ *
+ * Returns 0 on success. Errors: as `qcowprov_bitmap_enable`.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`);
+ * `name` NULL or a NUL-terminated string.
+ */
+int qcowprov_bitmap_disable(struct qcowprov_image *img, const char *name);
+
+/**
+ * Merges the bitmap `source` into the bitmap `target` of `img`: every byte dirty in the
+ * source becomes dirty in the target (qemu-img's `bitmap --merge SOURCE [-b FILE]`). The
+ * source is a bitmap of `src` (another open image of the same virtual size, e.g. opened
+ * read-only), or of `img` itself when `src` is NULL. Granularities may differ.
+ *
+ * Thread-safety: thread-safe; waits until requests in flight on `img` finish.
+ *
+ * Returns 0 on success. Errors: `-ENOENT` for no such bitmap (either); `-EINVAL` for
+ * NULL `img`, `target` or `source`, an inconsistent bitmap, or different virtual sizes;
+ * `-EROFS` for a read-only `img`; host errors.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`);
+ * `src` NULL or such a handle; `target` and `source` NULL or NUL-terminated strings.
+ */
+int qcowprov_bitmap_merge(struct qcowprov_image *img,
+                          const char *target,
+                          struct qcowprov_image *src,
+                          const char *source);
+
+/**
+ * Reports whether the guest bytes from `offset` are dirty in the bitmap `name`, looking
+ * at up to `len` bytes: `*pnum` receives how many bytes from `offset` share that state
+ * (at least 1, at most `len`, never past the virtual size), `*dirty` 1 or 0. Call again
+ * at `offset + *pnum` to walk a range, as with `qcowprov_block_status`; a backup tool
+ * copies the dirty runs. Read-only images answer too (from the bitmap on disk).
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 on success; the out-parameters are written only then. Errors: `-ENOENT` for
+ * no such bitmap; `-EINVAL` for a NULL argument, `len` 0, `offset` at or beyond the
+ * virtual size, or an inconsistent bitmap.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`);
+ * `name` NULL or a NUL-terminated string; `pnum` and `dirty` NULL or valid for writes.
+ */
+int qcowprov_bitmap_dirty(struct qcowprov_image *img,
+                          const char *name,
+                          uint64_t offset,
+                          uint64_t len,
+                          uint64_t *pnum,
+                          uint32_t *dirty);
 
 #ifdef __cplusplus
 }  // extern "C"

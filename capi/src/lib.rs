@@ -19,10 +19,10 @@
 //! checks), `tag` (the handle's memory and its check), `handle`
 //! (open/close/create/format/flush/resize/options), `io` (reads, writes, discard,
 //! write-zeroes), `status` (block status), `info`, `check`, `stats` (host request
-//! counters).
+//! counters), `bitmaps` (persistent dirty bitmaps).
 
 // Declaration order is the order of the header (cbindgen follows it): errors, the
-// handle's lifetime, I/O, block status, info, check, stats.
+// handle's lifetime, I/O, block status, info, check, stats, bitmaps.
 mod error;
 
 mod handle;
@@ -37,10 +37,19 @@ mod check;
 
 mod stats;
 
+mod bitmaps;
+
 mod args;
 mod boundary;
 mod tag;
 
+pub use bitmaps::{
+    qcowprov_bitmap_add, qcowprov_bitmap_clear, qcowprov_bitmap_count, qcowprov_bitmap_dirty,
+    qcowprov_bitmap_disable, qcowprov_bitmap_enable, qcowprov_bitmap_get, qcowprov_bitmap_merge,
+    qcowprov_bitmap_remove, qcowprov_bitmap_warning, QcowprovBitmap, QCOWPROV_BITMAP_ADD_DISABLED,
+    QCOWPROV_BITMAP_ENABLED, QCOWPROV_BITMAP_INCONSISTENT, QCOWPROV_BITMAP_IN_USE,
+    QCOWPROV_BITMAP_NAME_MAX,
+};
 pub use check::{
     qcowprov_check, QcowprovCheckResult, QcowprovProgressCb, QCOWPROV_CHECK_FIX_ALL,
     QCOWPROV_CHECK_FIX_LEAKS,

@@ -82,13 +82,23 @@ fn exports_only_the_c_api() {
         "qcowprov_format",
         "qcowprov_format_fd",
         "qcowprov_highest_offset",
+        "qcowprov_bitmap_count",
+        "qcowprov_bitmap_get",
+        "qcowprov_bitmap_warning",
+        "qcowprov_bitmap_add",
+        "qcowprov_bitmap_remove",
+        "qcowprov_bitmap_clear",
+        "qcowprov_bitmap_enable",
+        "qcowprov_bitmap_disable",
+        "qcowprov_bitmap_merge",
+        "qcowprov_bitmap_dirty",
     ] {
         assert!(
             symbols.contains(&want),
             "{want} is not exported: {symbols:?}"
         );
     }
-    assert_eq!(symbols.len(), 24, "{symbols:?}");
+    assert_eq!(symbols.len(), 34, "{symbols:?}");
 }
 
 #[test]

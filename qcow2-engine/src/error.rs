@@ -42,6 +42,19 @@ pub enum Error {
     /// permission and the way out; errno `EBUSY`.
     #[error("{0}")]
     InUse(String),
+    /// A named object (a persistent bitmap) does not exist; errno `ENOENT`.
+    #[error("{0}")]
+    NotFound(String),
+    /// A named object (a persistent bitmap) already exists; errno `EEXIST`.
+    #[error("{0}")]
+    Exists(String),
+    /// A name longer than the format allows; errno `ENAMETOOLONG`.
+    #[error("{0}")]
+    NameTooLong(String),
+    /// No room for another object (too many bitmaps, a full bitmap directory); errno
+    /// `ENOSPC`.
+    #[error("{0}")]
+    NoSpace(String),
     /// The handle failed earlier (an internal error interrupted a metadata update); it
     /// refuses all I/O.
     #[error("image handle failed: {0}")]
@@ -72,6 +85,10 @@ impl Error {
             Error::ReadOnly(_) => libc::EROFS,
             Error::TooLarge(_) => libc::EFBIG,
             Error::InUse(_) => host_io::LOCK_CONFLICT_ERRNO,
+            Error::NotFound(_) => libc::ENOENT,
+            Error::Exists(_) => libc::EEXIST,
+            Error::NameTooLong(_) => libc::ENAMETOOLONG,
+            Error::NoSpace(_) => libc::ENOSPC,
         }
     }
 

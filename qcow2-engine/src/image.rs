@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use host_io::{FileStorage, Locking, Storage};
 use qcow2_format::{CompressionType, Geometry};
 
-use crate::changes::{ChangeKind, Changes, ContentWatcher};
+use crate::changes::{Changes, ContentWatcher};
 use crate::error::{invalid_arg, Error, Result};
 use crate::lifecycle::backing::Backing;
 use crate::meta::{FastMap, Meta, OnFree};
@@ -327,16 +327,30 @@ impl Image {
         Ok(g)
     }
 
-    /// Take the claims and pins a plan names, and announce its change.
-    pub(crate) fn begin(&self, st: &mut State, plan: &Plan, kind: ChangeKind) {
+    /// The metadata lock, once no plan is running and none has host I/O in flight
+    /// (bitmap operations: every request begun before them has finished).
+    pub(crate) fn lock_idle(&self) -> Result<MutexGuard<'_, State>> {
+        let mut g = self.lock()?;
+        while !g.claims.is_idle() {
+            g.claims.wait_idle(true);
+            let r = self.wait(g);
+            g = r?;
+            g.claims.wait_idle(false);
+        }
+        Ok(g)
+    }
+
+    /// Take the claims and pins a plan names (its change was announced before it was
+    /// planned: `changes.rs`).
+    pub(crate) fn begin(&self, st: &mut State, plan: &Plan) {
         if let Some((first, n)) = plan.claim {
             st.claims.claim(first, n);
         }
         for &c in &plan.pins {
             st.meta.alloc.pin(c);
         }
-        if let Some((off, len)) = plan.changed {
-            st.changes.announce(off, len, kind);
+        if plan.has_io() {
+            st.claims.plan_started();
         }
     }
 
@@ -364,8 +378,11 @@ impl Image {
         for &c in &plan.pins {
             st.meta.alloc.unpin(c);
         }
+        let idle = plan.has_io() && st.claims.plan_ended();
         if let Some((first, n)) = plan.claim {
             st.claims.release(first, n);
+            self.claims_ended.notify_all();
+        } else if idle {
             self.claims_ended.notify_all();
         }
         let failures = match result {
@@ -551,7 +568,13 @@ impl Image {
         }
         drop(st);
         self.flush()?;
-        self.lock()?.meta.finish_clean_close()
+        let mut st = self.lock()?;
+        // Every write is durable now: the bitmaps are stored exactly (their on-disk copy
+        // was a superset while the image was open), then made durable.
+        if st.meta.bitmaps_store_exact()? {
+            st.meta.flush()?;
+        }
+        st.meta.finish_clean_close()
     }
 }
 
@@ -583,6 +606,9 @@ impl Drop for Running<'_> {
         if let Ok(mut st) = self.img.state.lock() {
             if let Some((first, n)) = plan.claim {
                 st.claims.release(first, n);
+            }
+            if plan.has_io() {
+                st.claims.plan_ended();
             }
         }
         self.img.claims_ended.notify_all();

@@ -3,7 +3,8 @@
 //! The qcow2 image engine on top of `qcow2-format` (structures) and `host-io` (storage):
 //! create and open images, read and write at any offset, discard and write-zeroes under
 //! QEMU's options or a provisioning mode, copy-on-write over backing files, snapshots and
-//! compressed clusters, block status, check and repair.
+//! compressed clusters, block status, check and repair, persistent dirty bitmaps kept up
+//! to date (and safe across a crash).
 //!
 //! ## Where things live
 //!
@@ -13,11 +14,12 @@
 //! | `request/` | guest requests, each planned under the lock: `read`, `write`, `zero` (discard and write-zeroes), `status` (block status, map), `claims` |
 //! | `plan.rs` | a planned request as a value: host I/O, pins, claims, commit edits |
 //! | `exec/` | executors that carry out plans (`sync`), decompression |
-//! | `meta/` | metadata components: header, mapping (L1, L2 cache, lock-free entry cache), refcounts, allocator and quarantine, write-back order, host-op queue, overlap regions; the highest allocated offset |
+//! | `meta/` | metadata components: header, mapping (L1, L2 cache, lock-free entry cache), refcounts, allocator and quarantine, write-back order, host-op queue, overlap regions, persistent bitmaps (`meta/bitmaps/`: exact bits, tables, write intent); the highest allocated offset |
 //! | `provision/` | the discard / write-zeroes policy and the pure per-cluster decision |
 //! | `integrity/` | the L1/L2 walker, check, repair |
 //! | `lifecycle/` | open (and the image locks it takes), create, resize, backing files |
-//! | `changes.rs` | the one point where every content change is announced |
+//! | `changes.rs` | the one point where every content change is announced (bitmaps marked, watchers told) |
+//! | `bitmaps.rs` | persistent dirty bitmaps through the handle: list, add, remove, clear, enable, disable, merge, dirty extents |
 //!
 //! ## Locking, ordering and durability (the protocol, in one place)
 //!
@@ -40,6 +42,9 @@
 //!   file's lock is taken for I/O; backing files are read-only and are read without the
 //!   overlay's lock (copy-on-write sources are read by the executor). Locks are never
 //!   nested.
+//! - Bitmap operations (add, remove, clear, enable, disable, merge) wait until no claim
+//!   is held and no plan has host I/O in flight (`lock_idle`), so that every request begun
+//!   before them is accounted for.
 //! - Operations that wait on host I/O under the lock: cache misses and evictions,
 //!   allocation that grows the refcount structures, table moves, barriers (flush, the
 //!   quarantine release), deferred host discards, check and repair. Guest data I/O never
@@ -60,13 +65,28 @@
 //!   when it is large, and when allocation would grow the file past a slack of 1/16 of
 //!   the virtual size;
 //! - host discards of freed clusters run after that release, and are dropped if the
-//!   cluster is reallocated first.
+//!   cluster is reallocated first;
+//! - persistent bitmaps (write intent, md's model): every content change is announced
+//!   under the lock before it is planned (`changes.rs`), which marks the bitmaps in memory
+//!   and, where a touched chunk (a sector of bitmap data) is not known to be set on disk,
+//!   writes it as all ones and syncs (a new data cluster: refcount and content synced
+//!   before the table entry that names it, synced again) before returning. So no data
+//!   write, L2 edit or host effect of the request can reach the disk before the bits
+//!   covering it; the on-disk bitmaps are a superset of every change that may have reached
+//!   the disk, never flagged in use. Idle chunks are cleared lazily at a flush; close
+//!   stores the exact bits after the final flush (clearing bits is safe once the data is
+//!   durable). The directory changes by writing a new one, syncing, and switching the
+//!   extension's 24-byte payload in one write (bit 0 cleared around it only where the
+//!   payload straddles a sector, or a table must grow with the virtual size).
 //!
 //! **Durability.** `flush` releases the quarantine, issues deferred discards, writes every
 //! dirty table in order and syncs: every write completed before it is durable. A crash
-//! leaves leaks at worst (never a cluster referenced with a refcount below its uses).
+//! leaves leaks at worst (never a cluster referenced with a refcount below its uses), and
+//! every persistent bitmap consistent and marking at least what changed. Bitmap
+//! operations are durable when they return.
 #![forbid(unsafe_code)]
 
+mod bitmaps;
 mod changes;
 pub mod error;
 mod exec;
@@ -79,6 +99,7 @@ mod plan;
 pub mod provision;
 mod request;
 
+pub use bitmaps::{BitmapInfo, MAX_BITMAP_NAME};
 pub use changes::{ChangeKind, ContentWatcher};
 pub use error::{Error, Result};
 pub use host_io::Locking;

@@ -91,8 +91,6 @@ pub(crate) struct Plan {
     pub fresh: Vec<Run>,
     /// The commit exposes data that must be durable before the L2 entries are.
     pub data_first: bool,
-    /// Guest bytes `(offset, length)` whose content the plan changes.
-    pub changed: Option<(u64, u64)>,
 }
 
 impl Plan {
@@ -134,17 +132,6 @@ impl Plan {
             }
         }
         self.io.push(HostIo::Effect { off, len, effect });
-    }
-
-    /// Record that guest bytes `[off, off+len)` change.
-    pub(crate) fn changes(&mut self, off: u64, len: u64) {
-        self.changed = Some(match self.changed {
-            None => (off, len),
-            Some((o, l)) => {
-                let start = o.min(off);
-                (start, (o + l).max(off + len) - start)
-            }
-        });
     }
 
     /// Whether the plan needs to run anything outside the lock.

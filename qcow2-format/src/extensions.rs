@@ -45,6 +45,17 @@ pub struct BitmapsExt {
     pub directory_offset: u64,
 }
 
+impl BitmapsExt {
+    /// The extension's 24-byte payload as stored.
+    pub fn to_payload(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        put32(&mut out, 0, self.nb_bitmaps);
+        put64(&mut out, 8, self.directory_size);
+        put64(&mut out, 16, self.directory_offset);
+        out
+    }
+}
+
 /// A parsed header extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeaderExtension {
@@ -100,13 +111,7 @@ impl HeaderExtension {
                 }
                 out
             }
-            HeaderExtension::Bitmaps(b) => {
-                let mut out = vec![0u8; 24];
-                put32(&mut out, 0, b.nb_bitmaps);
-                put64(&mut out, 8, b.directory_size);
-                put64(&mut out, 16, b.directory_offset);
-                out
-            }
+            HeaderExtension::Bitmaps(b) => b.to_payload().to_vec(),
             HeaderExtension::Crypto { offset, length } => {
                 let mut out = vec![0u8; 16];
                 put64(&mut out, 0, *offset);
@@ -221,6 +226,18 @@ pub fn parse_extensions(buf: &[u8], start: usize, end: usize) -> Result<Vec<Head
     Ok(out)
 }
 
+/// Where each extension of `exts` starts, and where the end marker goes, when they are laid
+/// out from byte `start` (as [`serialize_extensions`] does, and as they were parsed).
+pub fn extension_offsets(exts: &[HeaderExtension], start: usize) -> (Vec<usize>, usize) {
+    let mut at = start;
+    let mut out = Vec::with_capacity(exts.len());
+    for e in exts {
+        out.push(at);
+        at += 8 + pad8(e.payload().len());
+    }
+    (out, at)
+}
+
 /// Serialize extensions, each padded to 8 bytes, followed by the end marker.
 pub fn serialize_extensions(exts: &[HeaderExtension]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -282,6 +299,17 @@ mod tests {
         // Unknown payload survives byte-exact, padding included.
         let again = serialize_extensions(&parse_extensions(&bytes, 0, bytes.len()).unwrap());
         assert_eq!(again, bytes);
+    }
+
+    #[test]
+    fn offsets_follow_the_layout() {
+        let exts = all_kinds();
+        let bytes = serialize_extensions(&exts);
+        let (offs, end) = extension_offsets(&exts, 0);
+        assert_eq!(end, bytes.len() - 8);
+        for (e, &o) in exts.iter().zip(&offs) {
+            assert_eq!(be32(&bytes, o), e.magic());
+        }
     }
 
     #[test]

@@ -166,6 +166,10 @@ impl Image {
             };
             let storage = m.storage.clone();
             m.header.restrict_autoclear(&*storage, keep)?;
+            if keep == 0 {
+                m.bitmaps
+                    .forget("a repair found the bitmaps extension damaged");
+            }
         }
         let mut rep = CheckReport {
             total_clusters: self.virtual_size().div_ceil(self.geo.cluster_size()),
@@ -173,8 +177,10 @@ impl Image {
         };
         let fix_all = repair == Repair::All;
         let mut counted = count_refs(m, &mut rep, progress, fix_all)?;
+        // Repairs change guest content: the bitmaps mark it (QEMU's repair does not; a
+        // backup then copies what a repair made zero).
         for &(off, len) in &counted.repaired {
-            st.changes.announce(off, len, ChangeKind::Repair);
+            self.announce(st, off, len, ChangeKind::Repair)?;
         }
         let m = &mut st.meta;
         let before_compare = rep.clone();

@@ -128,12 +128,26 @@ impl Image {
         // check-open then refuses guest writes until a repair leaves no such problem.
         // Overlapping metadata is left out of the overlap map, so that the first write
         // that would damage it is refused and marks the image corrupt, as QEMU does.
-        let ranges = map_metadata(&*storage, &geo, h, &l1, &reftable, &snapshots, file_len)?;
+        let mut ranges = map_metadata(&*storage, &geo, h, &l1, &reftable, &snapshots, file_len)?;
         let distrust = match ranges.problems.first() {
             Some(p) if !(opts.read_only || opts.check) => return Err(corrupt!("{p}")),
             Some(_) => !opts.read_only,
             None => false,
         };
+        // Damaged bitmaps never refuse an open (they hold no guest data): they are
+        // reported and left alone.
+        let (mut bitmaps, bitmap_regions) =
+            crate::meta::bitmaps::load(&*storage, &area, &geo, file_len)?;
+        if let Some((s, l, k)) = bitmap_regions
+            .iter()
+            .find(|&&(s, l, _)| ranges.regions.overlapping(s, l).is_some())
+        {
+            bitmaps.mark_damaged(format!("{k:?} at {s:#x} (+{l:#x}) overlaps other metadata"));
+        } else {
+            for (s, l, k) in bitmap_regions {
+                ranges.regions.add(s, l, k);
+            }
+        }
 
         let (l2_entry, l2_entries, rb_entries) = cache_sizes(&opts.cache, &geo, h.size)?;
         let virtual_size = h.size;
@@ -172,6 +186,7 @@ impl Image {
             host_ops: HostOps::default(),
             regions: ranges.regions,
             snapshots,
+            bitmaps,
             metadata_on_free: if policy.passes(FreeReason::Other) {
                 crate::meta::OnFree::Discard
             } else {
@@ -436,7 +451,23 @@ pub(crate) fn remap_regions(m: &mut Meta) -> Result<Vec<String>> {
         &m.snapshots,
         file_len,
     )?;
-    m.regions = map.regions;
+    // The bitmaps' clusters are not in the tree the map walks: while the bitmaps are
+    // maintained they keep their ranges (their component keeps them current); bitmaps a
+    // repair dropped own nothing any more.
+    let mut regions = map.regions;
+    let keep_bitmaps = m.bitmaps.maintained();
+    let bitmap_kind = |k| {
+        matches!(
+            k,
+            MetaKind::BitmapDirectory | MetaKind::BitmapTable | MetaKind::BitmapData
+        )
+    };
+    for (s, l, k) in m.regions.ranges_where(|k| keep_bitmaps && bitmap_kind(k)) {
+        if regions.overlapping(s, l).is_none() {
+            regions.add(s, l, k);
+        }
+    }
+    m.regions = regions;
     Ok(map.problems)
 }
 

@@ -38,7 +38,22 @@ impl Image {
         }
         geo.check_virtual_size(new_size)
             .map_err(|_| crate::options::size_too_large(new_size, &geo))?;
-        st.changes.announce(cur, new_size - cur, ChangeKind::Resize);
+        self.announce(&mut st, cur, new_size - cur, ChangeKind::Resize)?;
+        // The bitmaps grow with clean bits (as QEMU's); where a table must grow, bit 0 is
+        // clear until the header holds the new size.
+        let regrown = st.meta.bitmaps_resize(new_size)?;
+        let r = self.grow(&mut st, new_size);
+        match (&r, regrown) {
+            (Ok(()), true) => st.meta.bitmaps_resize_done()?,
+            (Err(_), true) => st.meta.bitmaps.forget("a resize failed part-way"),
+            _ => {}
+        }
+        r
+    }
+
+    /// Grow the L1 table as needed and switch the header to `new_size`.
+    fn grow(&self, st: &mut crate::image::State, new_size: u64) -> Result<()> {
+        let geo = self.geo;
         let m = &mut st.meta;
         let need = geo.l1_entries_for(new_size) as usize;
         if need > m.mapping.l1().len() {

@@ -9,12 +9,14 @@
 //! | `order` ([`WriteOrder`]) | what must precede the next L2 write-back |
 //! | `host_ops` ([`HostOps`]) | deferred host discards of freed clusters |
 //! | `regions` ([`Regions`]) | the overlap map of every metadata range |
+//! | `bitmaps` ([`Bitmaps`]) | persistent dirty bitmaps: exact bits, on-disk tables, write intent |
 //!
 //! [`Meta`] holds them, guarded by the image's metadata lock, and carries out what needs
 //! several at once (allocation, loading and write-back, table moves). It never asks the
 //! discard policy anything: callers tell it what to do with freed clusters.
 
 mod allocator;
+pub(crate) mod bitmaps;
 pub(crate) mod cache;
 mod fast_map;
 mod growth;
@@ -34,6 +36,7 @@ use host_io::Storage;
 use qcow2_format::{Geometry, SnapshotEntry};
 
 pub(crate) use allocator::{Allocator, OnFree, Run};
+pub(crate) use bitmaps::Bitmaps;
 pub(crate) use fast_map::FastMap;
 pub(crate) use header::HeaderState;
 pub(crate) use host_ops::HostOps;
@@ -58,6 +61,7 @@ pub(crate) struct Meta {
     pub(crate) host_ops: HostOps,
     pub(crate) regions: Regions,
     pub(crate) snapshots: Vec<SnapshotEntry>,
+    pub(crate) bitmaps: Bitmaps,
     /// What happens on the host to freed metadata clusters (`pass-discard-other`).
     pub(crate) metadata_on_free: OnFree,
     /// Bumped whenever clusters may have become free (they may then be reused). Readers
@@ -139,22 +143,38 @@ impl Meta {
         Ok(())
     }
 
-    /// Header bookkeeping before the first metadata change.
+    /// Header bookkeeping before the first metadata change: autoclear bit 0 stays set
+    /// only while the bitmaps are maintained; an extension that is not (not trusted, or
+    /// damaged) is dropped, as QEMU does.
     pub(crate) fn prepare_first_write(&mut self) -> Result<()> {
         self.check_writable()?;
+        if self.header.first_write_done() && !self.bitmaps.needs_first_write() {
+            return Ok(());
+        }
         let storage = self.storage.clone();
-        self.header.prepare_first_write(&*storage)
+        let keep = if self.bitmaps.maintained() {
+            qcow2_format::features::autoclear::BITMAPS
+        } else {
+            0
+        };
+        self.header.prepare_first_write(&*storage, keep)?;
+        self.bitmaps_first_write()
     }
 
     /// Everything durable: the quarantine released, deferred discards issued, every dirty
-    /// table written, one sync.
+    /// table written, one sync. Then the bitmaps' idle chunks are cleared lazily (made
+    /// durable by a later barrier).
     pub(crate) fn flush(&mut self) -> Result<()> {
         if !self.read_only {
             self.release_quarantine()?;
             self.run_deferred_discards();
             self.write_back_all()?;
         }
-        self.sync()
+        self.sync()?;
+        if !self.read_only {
+            self.bitmaps_lazy_clear()?;
+        }
+        Ok(())
     }
 
     /// Whether nothing waits to be made durable: no quarantined or deferred work, no

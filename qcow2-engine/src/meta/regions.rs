@@ -23,6 +23,12 @@ pub(crate) enum MetaKind {
     SnapshotL1,
     /// An L2 table only snapshots' L1 tables name (inactive).
     SnapshotL2,
+    /// The persistent bitmap directory.
+    BitmapDirectory,
+    /// A persistent bitmap's table.
+    BitmapTable,
+    /// A cluster of persistent bitmap data.
+    BitmapData,
 }
 
 /// Host ranges holding metadata: start -> (end, kind). Ranges never overlap.
@@ -76,6 +82,18 @@ impl Regions {
             return None;
         }
         Some(format!("it overlaps {k:?} at {s:#x}..{e:#x}"))
+    }
+
+    /// Every range whose kind satisfies `pred`: (start, len, kind).
+    pub(crate) fn ranges_where(
+        &self,
+        pred: impl Fn(MetaKind) -> bool,
+    ) -> Vec<(u64, u64, MetaKind)> {
+        self.map
+            .iter()
+            .filter(|(_, (_, k))| pred(*k))
+            .map(|(&s, &(e, k))| (s, e - s, k))
+            .collect()
     }
 
     /// Starts of every range whose kind satisfies `pred`.

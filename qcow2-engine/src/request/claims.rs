@@ -3,6 +3,8 @@
 //! L2 edit and its host effect). Another request touching a claimed cluster waits until
 //! the claim ends, so a cluster's entry never changes under a plan that relies on it; the
 //! order of overlapping requests stays the submitter's business, as in the block layer.
+//! Plans with host I/O are also counted while they run, so that bitmap operations can
+//! wait until no request has data in flight.
 
 use std::collections::HashSet;
 use std::hash::BuildHasherDefault;
@@ -13,6 +15,10 @@ use crate::meta::cache::OffsetHasher;
 #[derive(Debug, Default)]
 pub(crate) struct Claims {
     set: HashSet<u64, BuildHasherDefault<OffsetHasher>>,
+    /// Plans with host I/O begun and not finished.
+    running: u64,
+    /// Threads waiting for `running` to reach 0.
+    idle_waiters: u64,
 }
 
 impl Claims {
@@ -39,5 +45,30 @@ impl Claims {
     /// Whether nothing is claimed.
     pub(crate) fn is_empty(&self) -> bool {
         self.set.is_empty()
+    }
+
+    /// A plan with host I/O begins.
+    pub(crate) fn plan_started(&mut self) {
+        self.running += 1;
+    }
+
+    /// A plan with host I/O ended; returns whether someone waits for that (notify then).
+    pub(crate) fn plan_ended(&mut self) -> bool {
+        self.running -= 1;
+        self.running == 0 && self.idle_waiters > 0
+    }
+
+    /// Whether nothing is claimed and no plan has I/O in flight.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.set.is_empty() && self.running == 0
+    }
+
+    /// Count a thread waiting for [`is_idle`](Self::is_idle) (`delta` +1 or -1).
+    pub(crate) fn wait_idle(&mut self, waiting: bool) {
+        if waiting {
+            self.idle_waiters += 1;
+        } else {
+            self.idle_waiters -= 1;
+        }
     }
 }

@@ -49,7 +49,7 @@ impl Image {
         if detect != DetectZeroes::Off && !buf.is_empty() && buf.iter().all(|&b| b == 0) {
             return self.write_zeroes(off, buf.len() as u64, detect == DetectZeroes::Unmap);
         }
-        self.write_data(buf, off)
+        self.write_data(buf, off, ChangeKind::Write)
     }
 
     /// Write, then make it durable before returning (FUA).
@@ -70,8 +70,9 @@ impl Image {
         Ok(())
     }
 
-    /// Write guest data (no zero detection): plan a batch, run it, repeat.
-    pub(crate) fn write_data(&self, buf: &[u8], off: u64) -> Result<()> {
+    /// Write guest data (no zero detection): plan a batch, run it, repeat. Each batch
+    /// announces the rest of the request as `kind` before it is planned.
+    pub(crate) fn write_data(&self, buf: &[u8], off: u64, kind: ChangeKind) -> Result<()> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let g = off + pos as u64;
@@ -79,8 +80,9 @@ impl Image {
             let plan = {
                 let mut st = self.lock_unclaimed(g >> self.geo.cluster_bits())?;
                 st.meta.prepare_first_write()?;
+                self.announce(&mut st, g, rest.len() as u64, kind)?;
                 let (plan, n) = self.plan_write(&mut st, g, rest)?;
-                self.begin(&mut st, &plan, ChangeKind::Write);
+                self.begin(&mut st, &plan);
                 pos += n;
                 plan
             };
@@ -111,7 +113,6 @@ impl Image {
             at += e.len as usize;
         }
         plan.pins = crate::request::read::host_clusters(&st.meta, &exts);
-        plan.changes(g, n);
         Ok((plan, n as usize))
     }
 
@@ -249,7 +250,6 @@ impl Image {
             }
             return Err(e);
         }
-        plan.changes(g, pos as u64);
         Ok((plan, pos))
     }
 

@@ -45,6 +45,7 @@ impl Image {
                 "discard on a version 2 image with a backing file (the backing data would show through)".into(),
             ));
         }
+        self.announce_request(off, len, ChangeKind::Discard)?;
         let geo = self.geo;
         let size = self.virtual_size();
         let end = off + len;
@@ -81,6 +82,7 @@ impl Image {
         if self.read_only {
             return Err(Error::ReadOnly("opened read-only".into()));
         }
+        self.announce_request(off, len, ChangeKind::Zero)?;
         let sc = self.geo.subcluster_size();
         let end = off + len;
         let tail = end % sc;
@@ -99,6 +101,17 @@ impl Image {
             pos += num;
         }
         Ok(())
+    }
+
+    /// Announce a whole discard or write-zeroes request (QEMU marks the bitmaps over the
+    /// whole requested range, parts the request leaves alone included).
+    fn announce_request(&self, off: u64, len: u64, kind: ChangeKind) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut st = self.lock()?;
+        st.meta.prepare_first_write()?;
+        self.announce(&mut st, off, len, kind)
     }
 
     /// The request a whole cluster of a write-zeroes becomes.
@@ -192,13 +205,16 @@ impl Image {
             Request::Zero { .. } => ChangeKind::Zero,
             _ => ChangeKind::Discard,
         };
+        let size = self.virtual_size();
         let mut g = start;
         while g < stop {
             let plan = {
                 let mut st = self.lock_unclaimed(g >> self.geo.cluster_bits())?;
                 st.meta.prepare_first_write()?;
+                let batch_end = stop.min(g + MAX_BATCH * self.geo.cluster_size()).min(size);
+                self.announce(&mut st, g, batch_end.saturating_sub(g), kind)?;
                 let (plan, next, r) = self.plan_clusters(&mut st, g, stop, req);
-                self.begin(&mut st, &plan, kind);
+                self.begin(&mut st, &plan);
                 g = next;
                 (plan, r)
             };
@@ -254,7 +270,6 @@ impl Image {
     ) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
-        let size = self.virtual_size();
         let (old, kind, damaged) = self.kind_for_release(st, pos)?;
         let facts = ClusterFacts {
             kind,
@@ -267,7 +282,6 @@ impl Image {
         if new != old {
             // Allocates the L2 table, or copies one shared with a snapshot, if needed.
             let slot = st.meta.l2_slot_for_write(pos)?;
-            plan.changes(pos, cs.min(size - pos));
             st.meta.set_l2(slot, pos, new)?;
             // A damaged entry's cluster is not freed (QEMU: a non-fatal corruption): a leak.
             if let Some(on_free) = action.unref.filter(|_| !damaged) {
@@ -288,7 +302,6 @@ impl Image {
                 // corrupt reference may point there; zeroing it would grow the file).
                 let len = cs.min(st.meta.alloc.end().saturating_sub(offset));
                 plan.effect(offset, len, effect);
-                plan.changes(pos, cs.min(size - pos));
             }
         }
         Ok(())
@@ -328,6 +341,7 @@ impl Image {
         let plan = {
             let mut st = self.lock_unclaimed(sub >> geo.cluster_bits())?;
             st.meta.prepare_first_write()?;
+            self.announce(&mut st, s, e - s, ChangeKind::Zero)?;
             let (entry, kind, _) = st.meta.l2_kind(sub)?;
             let sk = entry.subcluster_kind(kind, &geo, geo.subcluster_index(sub));
             let empty = matches!(
@@ -358,11 +372,7 @@ impl Image {
                 match self.zero_request(flags) {
                     Some(req) => {
                         let (plan, _, r) = self.plan_clusters(&mut st, sub, sub_end, req);
-                        let kind = match req {
-                            Request::Zero { .. } => ChangeKind::Zero,
-                            _ => ChangeKind::Discard,
-                        };
-                        self.begin(&mut st, &plan, kind);
+                        self.begin(&mut st, &plan);
                         drop(st);
                         self.run(plan, &[])?;
                         return r.map(|()| None);
@@ -383,6 +393,7 @@ impl Image {
         let plan = {
             let mut st = self.lock_unclaimed(s >> self.geo.cluster_bits())?;
             st.meta.prepare_first_write()?;
+            self.announce(&mut st, s, e - s, ChangeKind::Zero)?;
             self.subclusters_locked(&mut st, s, e)?
         };
         match plan {
@@ -403,13 +414,10 @@ impl Image {
         let first = geo.subcluster_index(s);
         let n = (e - s).div_ceil(geo.subcluster_size()) as u32;
         let bm = (entry.bitmap | bitmap::zero_range(first, n)) & !bitmap::alloc_range(first, n);
-        let mut plan = Plan::default();
         if bm != entry.bitmap {
-            plan.changes(s, e - s);
-            self.begin(st, &plan, ChangeKind::Zero);
             st.meta.set_l2(slot, s, L2Entry::new(entry.word, bm))?;
         }
-        Ok(Some(plan))
+        Ok(Some(Plan::default()))
     }
 
     /// Write explicit zero bytes through the normal write path, unless refused.
@@ -424,7 +432,7 @@ impl Image {
         let mut pos = s;
         while pos < e {
             let n = (e - pos).min(zeros.len() as u64) as usize;
-            self.write_data(&zeros[..n], pos)?;
+            self.write_data(&zeros[..n], pos, ChangeKind::Zero)?;
             pos += n as u64;
         }
         Ok(())

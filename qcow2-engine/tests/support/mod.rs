@@ -1,5 +1,6 @@
 //! Shared helpers for the engine's integration tests: temp dirs, the qemu-img/qemu-io
-//! oracle, and a seeded PRNG (this file); the crash sweep (`crash`), provisioning-mode
+//! oracle, and a seeded PRNG (this file); persistent bitmaps through QEMU's eyes
+//! (`bitmaps`), the crash sweep (`crash`), provisioning-mode
 //! host inspection (`prov`), the shared workloads (`frag`, `replay`) and the policy list
 //! (`policies`). Tests fail (not skip) when qemu-utils is missing.
 //!
@@ -9,6 +10,7 @@
 //! images, `stress_` concurrency against a model, `workload_` sized workloads.
 #![allow(dead_code)]
 
+pub mod bitmaps;
 pub mod crash;
 pub mod frag;
 pub mod policies;

@@ -7,6 +7,7 @@
 //! before any crash is simulated. The sweep over the recorded operations is in `sweep.rs`.
 #![allow(dead_code)]
 
+mod bitmaps;
 mod sweep;
 
 use std::sync::Arc;
@@ -42,6 +43,9 @@ pub struct StepRec {
     pub effects: Vec<Effect>,
     /// For messages.
     pub what: String,
+    /// Guest bytes the request names (a write, write-zeroes, or a discard the policy
+    /// carries out): persistent bitmaps mark them (QEMU's semantics).
+    pub range: Option<(u64, u64)>,
 }
 
 /// A workload on one image, being recorded.
@@ -74,6 +78,9 @@ pub struct Workload {
     discard_zeroes: bool,
     /// Ranges recently discarded or zeroed (targets for rewrites).
     pub released: Vec<(u64, u64)>,
+    /// Persistent bitmaps to verify at every crash point (`support/crash/bitmaps.rs`):
+    /// (name, enabled); each is clean when recording begins.
+    pub bitmaps: Vec<(String, bool)>,
 }
 
 fn discard_zeroes(mode: Mode) -> bool {
@@ -155,6 +162,7 @@ impl Workload {
             cs,
             discard_zeroes: dz,
             released: Vec::new(),
+            bitmaps: Vec::new(),
         };
         w.verify_live(0, size);
         w
@@ -165,7 +173,13 @@ impl Workload {
         self.img.as_ref().expect("image open")
     }
 
-    fn record(&mut self, what: String, barrier: bool, f: impl FnOnce(&Image) -> Vec<Effect>) {
+    fn record(
+        &mut self,
+        what: String,
+        barrier: bool,
+        range: Option<(u64, u64)>,
+        f: impl FnOnce(&Image) -> Vec<Effect>,
+    ) {
         let start = self.storage.op_count();
         let effects = f(self.img());
         let end = self.storage.op_count();
@@ -178,6 +192,7 @@ impl Workload {
             barrier,
             effects,
             what,
+            range,
         });
     }
 
@@ -191,6 +206,7 @@ impl Workload {
         self.record(
             format!("write{} {off:#x}+{len:#x}", if fua { "_fua" } else { "" }),
             fua,
+            Some((off, len)),
             |img| {
                 if fua {
                     img.write_at_fua(&data, off).expect("write_at_fua");
@@ -208,6 +224,7 @@ impl Workload {
         self.record(
             format!("write_zeroes {off:#x}+{len:#x} unmap={may_unmap}"),
             false,
+            Some((off, len)),
             |img| {
                 img.write_zeroes(off, len, may_unmap).expect("write_zeroes");
                 vec![Effect::Zero(off, len)]
@@ -223,7 +240,9 @@ impl Workload {
         let cs = self.cs;
         let (a, b) = (off.div_ceil(cs) * cs, (off + len) / cs * cs);
         let zeroes = self.discard_zeroes && a < b;
-        self.record(format!("discard {off:#x}+{len:#x}"), false, |img| {
+        // A discard the policy ignores marks nothing (QEMU's discard=ignore).
+        let range = self.discard_zeroes.then_some((off, len));
+        self.record(format!("discard {off:#x}+{len:#x}"), false, range, |img| {
             img.discard(off, len).expect("discard");
             if zeroes {
                 vec![Effect::Zero(a, b - a)]
@@ -237,7 +256,7 @@ impl Workload {
 
     /// A guest flush.
     pub fn flush(&mut self) {
-        self.record("flush".into(), true, |img| {
+        self.record("flush".into(), true, None, |img| {
             img.flush().expect("flush");
             Vec::new()
         });
@@ -247,17 +266,22 @@ impl Workload {
     pub fn resize(&mut self, new_size: u64) {
         assert!(new_size as usize <= self.model.len(), "model too small");
         let old = self.size;
-        self.record(format!("resize {old:#x} -> {new_size:#x}"), false, |img| {
-            img.resize(new_size).expect("resize");
-            vec![Effect::Resize(new_size)]
-        });
+        self.record(
+            format!("resize {old:#x} -> {new_size:#x}"),
+            false,
+            None,
+            |img| {
+                img.resize(new_size).expect("resize");
+                vec![Effect::Resize(new_size)]
+            },
+        );
         assert_eq!(self.img().virtual_size(), new_size);
         self.verify_live(old, new_size - old);
     }
 
     /// Change the discard policy (like QEMU's reopen).
     pub fn set_options(&mut self, opts: &str) {
-        self.record(format!("set_options {opts}"), false, |img| {
+        self.record(format!("set_options {opts}"), false, None, |img| {
             img.set_options(opts).expect("set_options");
             Vec::new()
         });
@@ -276,6 +300,7 @@ impl Workload {
             barrier: true,
             effects: Vec::new(),
             what: "close".into(),
+            range: None,
         });
     }
 

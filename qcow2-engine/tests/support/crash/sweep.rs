@@ -7,7 +7,8 @@
 //! the disk, so each byte it touched may hold its durable value or the value of any such
 //! step. On a deterministic sample of points (and every point of a workload marked so) the
 //! crash image also goes through `qemu-img check`, whose corruption and leak counters must
-//! match the engine's check of the same bytes.
+//! match the engine's check of the same bytes. Persistent bitmaps of the workload are
+//! checked at every point (`bitmaps.rs`): consistent, marking at least what changed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -311,6 +312,7 @@ fn check_point(
     img.read_at(buf, 0).map_err(io)?;
     compare(buf, durable, pending, &mut newest[..v as usize])
         .map_err(|(i, e)| (Kind::Data, e + &history(w, n, i)))?;
+    super::bitmaps::check(w, &img, n, buf).map_err(|e| (Kind::Data, e))?;
     // Every fifth point: the recovered image takes new writes and stays consistent.
     if n % 5 == 0 {
         let cs = w.cs;
@@ -345,14 +347,26 @@ fn oracle(w: &Workload, worker: u64, mem: &MemStorage, opts: &OpenOptions) -> Po
         read_only: true,
         ..opts.clone()
     };
-    let eng = Image::open_storage(
+    let ro_img = Image::open_storage(
         Arc::new(MemStorage::from_vec(bytes)),
         &ro,
         Some(w.dir.0.as_path()),
     )
-    .map_err(|e| io(format!("read-only open failed: {e}")))?
-    .check(Repair::None)
-    .map_err(io)?;
+    .map_err(|e| io(format!("read-only open failed: {e}")))?;
+    let eng = ro_img.check(Repair::None).map_err(io)?;
+    let maps: Vec<(String, crate::support::bitmaps::DirtyMap)> = w
+        .bitmaps
+        .iter()
+        .filter(|b| b.1 && ro_img.bitmaps_maintained())
+        .map(|(name, _)| {
+            (
+                name.clone(),
+                crate::support::bitmaps::engine_dirty_map(&ro_img, name),
+            )
+        })
+        .collect();
+    drop(ro_img);
+    super::bitmaps::oracle(w, &maps, &path).map_err(|e| (Kind::Oracle, e))?;
     if qc != 0 || qe != 0 {
         return Err((
             Kind::Corrupt,
