@@ -58,10 +58,16 @@
 //! [`ContextError`]; [`raw_os_error_of`] finds the errno through the wrapper, and
 //! [`error_text`] words an error as a C library would (no " (os error N)" suffix).
 //!
-//! All `unsafe` code lives in the private `sys` module (thin wrappers over `fallocate`,
+//! # Asynchronous I/O
+//! [`aio`]: operations submitted with a tag and reaped later, over io_uring (files and
+//! block devices) or a thread pool (any storage); see the module for the contract.
+//!
+//! `unsafe` code lives in the private `sys` module (thin wrappers over `fallocate`,
 //! block-device ioctls, `lseek`, `preadv`/`pwritev`, `mmap`, `fcntl` locks and flags, and
-//! `strerror_r`).
+//! `strerror_r`) and in `aio` (io_uring submissions, eventfds, and the caller memory an
+//! [`aio::IoBuf`] may lend), each with a SAFETY comment.
 
+pub mod aio;
 mod aligned_buf;
 mod blockdev;
 mod crash;
