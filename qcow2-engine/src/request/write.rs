@@ -79,7 +79,7 @@ impl Image {
             let plan = {
                 let mut st = self.lock_unclaimed(g >> self.geo.cluster_bits())?;
                 st.meta.prepare_first_write()?;
-                let (plan, n) = self.plan_write(&mut st, g, rest)?;
+                let (plan, n) = self.plan_write(&mut st, g, rest.len())?;
                 self.begin(&mut st, &plan, ChangeKind::Write);
                 pos += n;
                 plan
@@ -89,11 +89,12 @@ impl Image {
         Ok(())
     }
 
-    /// Plan the next batch of a write of `data` at `g`; returns it and the bytes it covers.
-    fn plan_write(&self, st: &mut State, g: u64, data: &[u8]) -> Result<(Plan, usize)> {
-        let (exts, n) = self.plan_in_place(st, g, data.len() as u64)?;
+    /// Plan the next batch of a write of `len` bytes at `g` (guest data at offset 0 of the
+    /// batch's buffer); returns it and the bytes it covers.
+    pub(crate) fn plan_write(&self, st: &mut State, g: u64, len: usize) -> Result<(Plan, usize)> {
+        let (exts, n) = self.plan_in_place(st, g, len as u64)?;
         if n == 0 {
-            return self.plan_alloc(st, g, data);
+            return self.plan_alloc(st, g, len);
         }
         let mut plan = Plan::default();
         let mut at = 0usize;
@@ -169,19 +170,19 @@ impl Image {
     }
 
     /// Plan an allocating batch of clusters from `g`; returns it and the bytes it covers.
-    fn plan_alloc(&self, st: &mut State, g: u64, data: &[u8]) -> Result<(Plan, usize)> {
+    fn plan_alloc(&self, st: &mut State, g: u64, len: usize) -> Result<(Plan, usize)> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut targets: Vec<Target> = Vec::new();
         let mut pos = 0usize;
-        while pos < data.len() && (targets.len() as u64) < MAX_BATCH {
+        while pos < len && (targets.len() as u64) < MAX_BATCH {
             let p = g + pos as u64;
             if !targets.is_empty() && st.claims.is_claimed(p >> geo.cluster_bits()) {
                 break;
             }
             let cl = geo.align_down(p);
             let a = p - cl;
-            let b = (a + (data.len() - pos) as u64).min(cs);
+            let b = (a + (len - pos) as u64).min(cs);
             let (entry, kind, _) = st.meta.l2_kind(p)?;
             if !targets.is_empty() && self.in_place(&entry, kind, a, b) {
                 break;
