@@ -203,6 +203,7 @@ impl Image {
             free_gen: free_gen.clone(),
             header: HeaderState::new(area),
         };
+        let aio = crate::exec::async_queue::choose_backend(&storage, opts, geo)?;
         let img = Image {
             state: Mutex::new(State {
                 meta,
@@ -227,6 +228,7 @@ impl Image {
             quarantine_slack: opts.quarantine_slack,
             opts: opts.clone(),
             locked: false,
+            aio,
         };
         if dirty && !opts.read_only {
             // Refcounts may be stale (lazy refcounts, unclean shutdown): repair as QEMU
