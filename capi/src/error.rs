@@ -37,34 +37,9 @@ impl Failure {
 
 impl From<qcow2_engine::Error> for Failure {
     fn from(e: qcow2_engine::Error) -> Failure {
-        let errno = match &e {
-            // Host errors carry their errno inside context wrappers (e.g. the path of an
-            // open); `Error::errno` only sees the outer error.
-            qcow2_engine::Error::Io { source, .. } => host_errno(source),
-            _ => e.errno(),
-        };
+        // The engine owns the errno table (host errors included).
+        let errno = e.errno();
         Failure::new(if errno > 0 { errno } else { libc::EIO }, e.to_string())
-    }
-}
-
-/// The errno of a host error: its raw OS error, looking through context wrappers, else
-/// the errno its kind stands for, else EIO.
-fn host_errno(e: &std::io::Error) -> c_int {
-    use std::io::ErrorKind as K;
-    if let Some(code) = host_io::raw_os_error_of(e) {
-        return code;
-    }
-    match e.kind() {
-        K::NotFound => libc::ENOENT,
-        K::PermissionDenied => libc::EACCES,
-        K::AlreadyExists => libc::EEXIST,
-        K::InvalidInput => libc::EINVAL,
-        K::OutOfMemory => libc::ENOMEM,
-        K::Unsupported => libc::ENOTSUP,
-        K::Interrupted => libc::EINTR,
-        K::WouldBlock => libc::EAGAIN,
-        K::TimedOut => libc::ETIMEDOUT,
-        _ => libc::EIO,
     }
 }
 

@@ -383,19 +383,6 @@ impl FileStorage {
         sys::seek_data_or_hole(&self.file, offset, false)
     }
 
-    /// Map the whole file read-only, e.g. to scan metadata without copies.
-    ///
-    /// # Safety
-    /// While the returned map is alive, nobody (this storage via `set_len`, another handle,
-    /// another process) may truncate the file: touching a page past the new end raises
-    /// `SIGBUS`. Writes through this storage are visible in the map, so do not hold slices of
-    /// it across writes to the same range if you need stable bytes.
-    pub unsafe fn map_readonly(&self) -> io::Result<memmap2::Mmap> {
-        // SAFETY: the caller upholds the no-truncation contract documented above.
-        unsafe { sys::map_readonly(&self.file) }
-            .map_err(|e| with_context(e, format!("mmap {}", self.path.display())))
-    }
-
     /// Refuse a mutation on a read-only storage.
     pub(crate) fn check_writable(&self) -> io::Result<()> {
         if self.read_only {

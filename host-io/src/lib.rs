@@ -16,7 +16,7 @@
 //!   `FALLOC_FL_WRITE_ZEROES`, mode 0); devices use `BLKDISCARD`, `BLKZEROOUT`,
 //!   `BLKGETSIZE64`, `BLKSSZGET` and sysfs queue limits. In direct mode any offset/length
 //!   works: unaligned requests are bounced through an [`AlignedBuf`] with read-modify-write
-//!   of edge blocks. [`FileStorage::map_readonly`] gives a `memmap2` view for scanning.
+//!   of edge blocks.
 //! * [`MemStorage`]: sparse in-memory storage tracking allocation per 4 KiB block, with
 //!   configurable capabilities ([`MemOptions`]) to drive the engine down every fallback.
 //! * [`FaultyStorage`]: wraps any storage and injects errno failures ([`Fault`]): fail the
@@ -63,37 +63,52 @@
 //! block devices) or a thread pool (any storage); see the module for the contract.
 //!
 //! `unsafe` code lives in the private `sys` module (thin wrappers over `fallocate`,
-//! block-device ioctls, `lseek`, `preadv`/`pwritev`, `mmap`, `fcntl` locks and flags, and
-//! `strerror_r`) and in `aio` (io_uring submissions, eventfds, and the caller memory an
-//! [`aio::IoBuf`] may lend), each with a SAFETY comment.
+//! block-device ioctls, `lseek`, `preadv`/`pwritev`, `fcntl` locks and flags, and
+//! `strerror_r`) and in three modules of `aio` that allow it on their `mod` line:
+//! `uring` (io_uring submissions), `eventfd` (the eventfd syscalls) and `buf` (the caller
+//! memory an [`aio::IoBuf`] may lend to the kernel), each block with a SAFETY comment. The
+//! crate denies `unsafe_code` everywhere else.
+//!
+//! # Test backends
+//! [`MemStorage`], [`FaultyStorage`] and [`CrashStorage`] exist with the `testing` feature
+//! only (the engine's and the C API's tests turn it on): a production build of the library
+//! carries none of them.
+#![deny(unsafe_code)]
 
 pub mod aio;
 mod aligned_buf;
 mod blockdev;
+#[cfg(feature = "testing")]
 mod crash;
 mod error;
+#[cfg(feature = "testing")]
 mod faulty;
 mod file;
 mod file_io;
 mod file_zero;
 mod forward;
 mod lock;
+#[cfg(feature = "testing")]
 mod mem;
 mod op;
 mod prng;
 mod probe;
 mod storage;
+#[allow(unsafe_code)] // the home of system calls (io_uring's and eventfd's are in `aio`)
 mod sys;
 
 pub use aligned_buf::AlignedBuf;
+#[cfg(feature = "testing")]
 pub use crash::{CrashPolicy, CrashStorage, OpRecord, TORN_SECTOR};
 pub use error::{error_text, raw_os_error_of, with_context, ContextError};
+#[cfg(feature = "testing")]
 pub use faulty::{Fault, FaultyStorage};
 pub use file::{FileOptions, FileStorage, Primitive};
 pub use lock::{
     LockConflict, LockRequest, Locking, Perms, LOCK_CONFLICT_ERRNO, LOCK_PERM_BASE,
     LOCK_SHARED_BASE,
 };
+#[cfg(feature = "testing")]
 pub use mem::{MemOptions, MemStorage, DISCARD_FILL, MEM_BLOCK_SIZE};
 pub use op::OpKind;
 pub use prng::SplitMix64;

@@ -125,16 +125,6 @@ pub(crate) fn seek_data_or_hole(file: &File, offset: u64, data: bool) -> io::Res
     Ok(Some(r as u64))
 }
 
-/// Read-only memory map of the whole file.
-///
-/// # Safety
-/// The caller must guarantee the file is not truncated (by any process) while the map
-/// lives, and accept that concurrent writes change the mapped bytes.
-pub(crate) unsafe fn map_readonly(file: &File) -> io::Result<memmap2::Mmap> {
-    // SAFETY: forwarded to the caller, see this function's `# Safety` section.
-    unsafe { memmap2::Mmap::map(file) }
-}
-
 /// `preadv` at `offset` into `bufs` (at most `IOV_MAX` of them). Returns bytes read.
 pub(crate) fn preadv(
     file: &File,

@@ -323,18 +323,6 @@ fn open_errors_name_the_path_and_keep_errno() {
 }
 
 #[test]
-fn map_readonly_sees_written_bytes() {
-    let d = TempDir::new("mmap");
-    let s = filled(&d, "a", 64 * K, FileOptions::new());
-    // SAFETY: nothing truncates the file while the map is alive (this test owns it).
-    let map = unsafe { s.map_readonly() }.unwrap();
-    assert_eq!(map.len() as u64, 64 * K);
-    assert_eq!(&map[1000..1100], &pattern(1000, 100, 7)[..]);
-    s.write_at(b"zz", 5).unwrap();
-    assert_eq!(&map[5..7], b"zz");
-}
-
-#[test]
 fn concurrent_disjoint_writes() {
     let d = TempDir::new("threads");
     let s =

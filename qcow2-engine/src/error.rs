@@ -65,15 +65,13 @@ impl Error {
     /// The negative-errno class of this error, as the C API reports it (positive value).
     pub fn errno(&self) -> i32 {
         match self {
-            // host-io wraps errors with context; the errno underneath is what counts.
-            Error::Io { source, .. } => host_io::raw_os_error_of(source).unwrap_or(libc_eio()),
-            Error::Format(_) | Error::InvalidArgument(_) => 22, // EINVAL
-            Error::Corrupt(_) => libc_eio(),
-            Error::Unsupported(_) => 95, // ENOTSUP
-            Error::ReadOnly(_) => 30,    // EROFS
-            Error::TooLarge(_) => 27,    // EFBIG
+            Error::Io { source, .. } => host_errno(source),
+            Error::Format(_) | Error::InvalidArgument(_) => libc::EINVAL,
+            Error::Corrupt(_) | Error::Failed(_) => libc::EIO,
+            Error::Unsupported(_) => libc::ENOTSUP,
+            Error::ReadOnly(_) => libc::EROFS,
+            Error::TooLarge(_) => libc::EFBIG,
             Error::InUse(_) => host_io::LOCK_CONFLICT_ERRNO,
-            Error::Failed(_) => libc_eio(),
         }
     }
 
@@ -92,8 +90,26 @@ impl Error {
     }
 }
 
-const fn libc_eio() -> i32 {
-    5
+/// The errno of a host error: its raw OS error, looking through host-io's context
+/// wrappers, else the errno its kind stands for, else EIO. The one errno table of the
+/// library: the C API reports what this says.
+fn host_errno(e: &io::Error) -> i32 {
+    use io::ErrorKind as K;
+    if let Some(code) = host_io::raw_os_error_of(e) {
+        return code;
+    }
+    match e.kind() {
+        K::NotFound => libc::ENOENT,
+        K::PermissionDenied => libc::EACCES,
+        K::AlreadyExists => libc::EEXIST,
+        K::InvalidInput => libc::EINVAL,
+        K::OutOfMemory => libc::ENOMEM,
+        K::Unsupported => libc::ENOTSUP,
+        K::Interrupted => libc::EINTR,
+        K::WouldBlock => libc::EAGAIN,
+        K::TimedOut => libc::ETIMEDOUT,
+        _ => libc::EIO,
+    }
 }
 
 /// Shorthand for `Error::InvalidArgument(format!(..))`.

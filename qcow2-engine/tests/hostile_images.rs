@@ -49,6 +49,13 @@ enum Open {
     Fails(&'static [&'static str]),
     /// Succeed (the damage is only found on access, or does not matter for this mode).
     Opens,
+    /// Succeed as QEMU's open does; the damage is found when a 4 KiB write at `at` uses
+    /// it: the write fails naming every key, and the image is marked corrupt or not.
+    WriteFails {
+        at: u64,
+        keys: &'static [&'static str],
+        corrupt: bool,
+    },
 }
 
 struct Case {
@@ -252,7 +259,12 @@ fn cases() -> Vec<Case> {
                 vec![p]
             },
             ro: Open::Opens,
-            rw: Open::Fails(&["l1 entry 0", "not aligned"]),
+            // As QEMU: found at use, which marks the image corrupt.
+            rw: Open::WriteFails {
+                at: 0,
+                keys: &["l1 entry 0", "not aligned"],
+                corrupt: true,
+            },
             bad_read: Some((0, 4096, &["l1 entry 0", "not aligned"])),
             good_reads: GOOD4K_NOT_L1_0,
             errno: Some(5),
@@ -281,10 +293,15 @@ fn cases() -> Vec<Case> {
                 patch_be64(&p, at, file_be64(&p, at) | (1 << 56));
                 vec![p]
             },
+            // QEMU's I/O masks an L1 entry's reserved bits off (only check reports them).
             ro: Open::Opens,
-            rw: Open::Fails(&["l1 entry 0", "reserved bits"]),
-            bad_read: Some((100, 1000, &["l1 entry 0", "reserved bits"])),
-            good_reads: GOOD4K_NOT_L1_0,
+            rw: Open::Opens,
+            bad_read: None,
+            good_reads: &[
+                (0, 128 * KIB, 0x5a),
+                (3 * MIB, 64 * KIB, 0x6b),
+                (5 * MIB, 4096, 0),
+            ],
             errno: Some(5),
         },
         Case {
@@ -294,10 +311,16 @@ fn cases() -> Vec<Case> {
                 patch_be64(&p, H_REFCOUNT_TABLE_OFFSET, l1_offset(&p));
                 vec![p]
             },
-            // Reads do not use the refcount table: a read-only open may go ahead (as QEMU's
-            // does), writing must be refused.
+            // Reads do not use the refcount table; as QEMU, the damage is found when an
+            // allocation reads L1[0] as a refcount block (with bit 63 set it lies past the
+            // end). QEMU fails that write with EIO and leaves the image clean; ours also
+            // marks it corrupt, so that no later writer trusts the table.
             ro: Open::Opens,
-            rw: Open::Fails(&["refcounttable", "overlaps", "activel1"]),
+            rw: Open::WriteFails {
+                at: 4 * MIB,
+                keys: &["refcount block", "past the end"],
+                corrupt: true,
+            },
             bad_read: None,
             good_reads: GOOD64,
             errno: Some(5),
@@ -700,9 +723,14 @@ fn cases() -> Vec<Case> {
                 patch_be64(&p, at, file_be64(&p, at) + 512);
                 vec![p]
             },
-            // Reads do not use refcounts; writing with a broken refcount table must be refused.
+            // Reads do not use refcounts; as QEMU, an allocation finds the entry and marks
+            // the image corrupt.
             ro: Open::Opens,
-            rw: Open::Fails(&["refcount table entry 0"]),
+            rw: Open::WriteFails {
+                at: 4 * MIB,
+                keys: &["refcount table entry 0", "not aligned"],
+                corrupt: true,
+            },
             bad_read: None,
             good_reads: GOOD64,
             errno: Some(5),
@@ -715,8 +743,9 @@ fn cases() -> Vec<Case> {
                 patch_be64(&p, l1 + 8, file_be64(&p, l1));
                 vec![p]
             },
+            // QEMU opens it and writes through both entries alike (check reports it).
             ro: Open::Opens,
-            rw: Open::Fails(&["activel2", "overlaps"]),
+            rw: Open::Opens,
             bad_read: None,
             good_reads: &[(0, 128 * KIB, 0x5a), (2 * MIB, 128 * KIB, 0x5a)],
             errno: Some(5),
@@ -844,10 +873,11 @@ fn cases() -> Vec<Case> {
                 patch_be64(&p, at + 8, 1);
                 vec![p]
             },
+            // QEMU ignores a compressed cluster's bitmap for I/O (check reports it).
             ro: Open::Opens,
             rw: Open::Opens,
-            bad_read: Some((0, 512, &["compressed clusters must have an empty bitmap"])),
-            good_reads: &[(MIB, 64 * KIB, 0x6b)],
+            bad_read: None,
+            good_reads: &[(0, 64 * KIB, 0x5a), (MIB, 64 * KIB, 0x6b)],
             errno: None,
         },
         Case {
@@ -961,12 +991,33 @@ fn run_mode(
             }
             Ok(format!("{tag}: open refused: {msg}"))
         }
-        (Err(e), Open::Opens) => Err(format!("{tag}: open must succeed, failed: {e}")),
+        (Err(e), Open::Opens | Open::WriteFails { .. }) => {
+            Err(format!("{tag}: open must succeed, failed: {e}"))
+        }
         (Ok(_), Open::Fails(keys)) => Err(format!(
             "{tag}: open must fail naming {keys:?}, but it succeeded"
         )),
-        (Ok(img), Open::Opens) => {
+        (Ok(img), Open::Opens | Open::WriteFails { .. }) => {
             let mut log = format!("{tag}: opened");
+            // The write first: the reads below may find the same damage and mark the
+            // image corrupt, after which every write is refused for that reason.
+            if let Open::WriteFails { at, keys, .. } = want {
+                match img.write_at(&[0x11; 4096], at) {
+                    Ok(()) => {
+                        return Err(format!(
+                            "{tag}: a write at {at:#x} through the damage must fail naming {keys:?}, but it succeeded"
+                        ))
+                    }
+                    Err(e) if has_keys(&e.to_string(), keys) => {
+                        log.push_str(&format!("; damaged write refused: {e}"));
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "{tag}: the write at {at:#x} failed, but the message lacks {keys:?}: {e}"
+                        ))
+                    }
+                }
+            }
             if let Some((off, len, keys)) = case.bad_read {
                 let mut buf = vec![0u8; len as usize];
                 match img.read_at(&mut buf, off) {
@@ -997,6 +1048,16 @@ fn run_mode(
                         buf[i]
                     ));
                 }
+            }
+            if let Open::WriteFails { corrupt, .. } = want {
+                drop(img);
+                let marked = file_be64(image, H_INCOMPATIBLE) & 2 != 0;
+                if marked != corrupt {
+                    return Err(format!(
+                        "{tag}: after the refused write the corrupt bit is {marked}, want {corrupt}"
+                    ));
+                }
+                return Ok(log);
             }
             // Closing must not fail either (nothing was written).
             img.close().map_err(|e| format!("{tag}: close: {e}"))?;

@@ -330,8 +330,13 @@ mod tests {
         let k = e.kind(&g).unwrap();
         assert_eq!(k, ClusterKind::Unallocated);
         assert_eq!(e.subcluster_kind(k, &g, 31), SubclusterKind::ZeroPlain);
-        // Bit 0 is reserved with extended L2.
-        assert!(L2Entry::new(0x8000_0000_0005_0001, 0).kind(&g).is_err());
+        // Bit 0 is reserved with extended L2, but ignored as QEMU ignores it: the entry
+        // decodes as if it were clear; another reserved bit still makes it invalid.
+        assert_eq!(
+            L2Entry::new(0x8000_0000_0005_0001, 1).kind(&g).unwrap(),
+            L2Entry::new(0x8000_0000_0005_0000, 1).kind(&g).unwrap()
+        );
+        assert!(L2Entry::new(0x8000_0000_0005_0002, 0).kind(&g).is_err());
     }
 
     #[test]

@@ -16,9 +16,15 @@
 //!
 //! [`io_uring_supported`] probes the kernel once per process; [`open_backend`] picks.
 
+// Caller memory lent to the kernel (the C API's buffers): raw parts, Send/Sync.
+#[allow(unsafe_code)]
 mod buf;
+// The eventfd(2), read(2) and write(2) calls on an eventfd.
+#[allow(unsafe_code)]
 mod eventfd;
 mod pool;
+// io_uring submissions: the kernel reads the submitted buffers until completion.
+#[allow(unsafe_code)]
 mod uring;
 
 use std::fmt;
@@ -197,5 +203,7 @@ pub fn open_backend(
     }
 }
 
+// The tests lend stack memory to an IoBuf, as the C API does.
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod tests;

@@ -126,7 +126,7 @@ impl Image {
         }
         for (i, &raw) in l1.iter().enumerate() {
             let e = L1Entry(raw);
-            match e.validate(&geo) {
+            match e.validate_for_io(&geo) {
                 Ok(()) if e.is_unallocated() => {}
                 Ok(()) if e.l2_offset() >= file_len => ranges.problem(format!(
                     "L1 entry {i}: L2 table at {:#x} is past the end of the file ({file_len:#x})",

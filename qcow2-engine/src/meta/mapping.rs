@@ -74,7 +74,7 @@ impl Mapping {
             ));
         }
         let e = L1Entry(raw);
-        e.validate(&self.geo)
+        e.validate_for_io(&self.geo)
             .map_err(|err| corrupt!("L1 entry {i}: {err}"))?;
         Ok(e)
     }
