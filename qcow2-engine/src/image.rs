@@ -166,6 +166,11 @@ pub struct ImageInfo {
     /// The backend asynchronous requests run on (chosen at open, see
     /// [`OpenOptions::aio`]).
     pub aio: crate::AioKind,
+    /// Requests an [`AioQueue`](crate::AioQueue) takes before they are reaped.
+    pub aio_queue_depth: u32,
+    /// The alignment asynchronous requests need of buffer addresses, lengths and offsets:
+    /// the direct I/O alignment with `cache.direct=on`, else 1.
+    pub aio_alignment: u64,
 }
 
 /// Counters an open image keeps about its own work on the host.
@@ -500,6 +505,8 @@ impl Image {
             options: self.runtime_options(&st),
             locked: self.locked,
             aio: self.aio,
+            aio_queue_depth: crate::exec::async_queue::depth_of(&self.opts),
+            aio_alignment: crate::exec::async_queue::alignment_of(self),
         }
     }
 

@@ -39,12 +39,8 @@ pub const MAX_DEPTH: u32 = 65536;
 /// `aio-queue-depth` when not given.
 const DEFAULT_DEPTH: u32 = 1024;
 
-const EAGAIN: i32 = 11;
-const EROFS: i32 = 30;
-const EDEADLK: i32 = 35;
-const ESHUTDOWN: i32 = 108;
-const EBUSY: i32 = 16;
-pub(crate) const ECANCELED: i32 = 125;
+pub(crate) use libc::ECANCELED;
+use libc::{EAGAIN, EBUSY, EDEADLK, EROFS, ESHUTDOWN};
 
 /// An error with an errno and a message.
 pub(crate) fn errno_error(errno: i32, what: impl Into<String>) -> Error {
@@ -98,6 +94,15 @@ pub(crate) fn depth_of(opts: &OpenOptions) -> u32 {
         DEFAULT_DEPTH
     } else {
         opts.aio_queue_depth
+    }
+}
+
+/// The alignment asynchronous requests need (direct I/O's, else 1).
+pub(crate) fn alignment_of(img: &Image) -> u64 {
+    if img.opts.direct {
+        u64::from(img.storage.capabilities().io_alignment.max(1))
+    } else {
+        1
     }
 }
 
@@ -286,12 +291,7 @@ impl AioQueue {
     /// [`ImageInfo::aio`](crate::ImageInfo::aio)).
     pub fn start(img: Arc<Image>) -> Result<AioQueue> {
         let kind = img.aio;
-        let direct = img.opts.direct;
-        let align = if direct {
-            u64::from(img.storage.capabilities().io_alignment.max(1))
-        } else {
-            1
-        };
+        let align = alignment_of(&img);
         let depth = depth_of(&img.opts) as usize;
         let backend = host_io::aio::open_backend(kind, img.storage.clone(), depth.min(64))
             .map_err(Error::io(format!("starting the {kind} backend")))?;
@@ -495,6 +495,15 @@ impl AioQueue {
         let id = h.thread().id();
         *slot = Some((h, id));
         Ok(())
+    }
+
+    /// Whether the calling thread is this queue's callback thread.
+    pub fn on_callback_thread(&self) -> bool {
+        self.callback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|(_, id)| *id == std::thread::current().id())
     }
 
     /// Stop: refuse new requests, cancel those not started (`ECANCELED`), let the others
