@@ -274,12 +274,15 @@ impl Image {
             len,
             fill: Fill::Zeroes,
         };
-        if t.reuse.is_some() {
-            // Rewriting a cluster in place while its entry changes (e.g. zero-allocated to
-            // data): the old bytes (stale, pre-zeroing) must not become visible through a
-            // new entry that reaches the disk before the data does.
-            plan.data_first = true;
-        }
+        // Rewriting a cluster in place while its entry changes (e.g. zero-allocated to
+        // data): the old bytes (stale, pre-zeroing) must not become visible through a
+        // new entry that reaches the disk before the data does. A fresh cluster too: a
+        // barrier of another request between this allocation and the end of its data
+        // write (requests in flight together) syncs the refcounts early, and the entry
+        // could then reach the disk before data that extends the file (a crash leaves
+        // an entry past the end: found by the async crash sweep). Costs no extra sync
+        // where refcounts wait for one anyway (one sync serves both).
+        plan.data_first = true;
         let old_is_zero = match t.kind {
             ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc { .. } => true,
             ClusterKind::Unallocated => self.backing.is_none(),
