@@ -74,10 +74,17 @@ fn each_policy_sends_what_its_host_layer_says() {
             s1.quarantined, 0,
             "{opts}: a flush releases the quarantine: {s1:?}"
         );
-        assert!(s1.host_flushes > s0.host_flushes, "{opts}: {s1:?}");
-        // A flush with nothing pending is exactly one host flush.
+        // A discard the policy ignores changes nothing, so the flush after it has
+        // nothing to make durable and skips the host flush, as QEMU's does; every other
+        // policy's discard edits metadata that its flush syncs.
+        if opts == "provision=off" {
+            assert_eq!(s1.host_flushes, s0.host_flushes, "{opts}: {s1:?}");
+        } else {
+            assert!(s1.host_flushes > s0.host_flushes, "{opts}: {s1:?}");
+        }
+        // A flush with nothing pending issues no host flush.
         flush(img);
-        assert_eq!(stats(img).host_flushes, s1.host_flushes + 1, "{opts}");
+        assert_eq!(stats(img).host_flushes, s1.host_flushes, "{opts}");
         assert_eq!(close(img), 0);
         let (code, out) = qemu_img_check(&path);
         assert_eq!(code, 0, "{opts}: {out}");
@@ -144,6 +151,7 @@ fn a_larger_struct_is_accepted() {
     let path = dir.path("a.qcow2");
     assert_eq!(create(&path, "", 4 * MIB), 0);
     let img = open(&path, "", 0).expect("open");
+    assert_eq!(pwrite(img, &[7u8; 512], 0, 0), 512);
     flush(img);
     let mut n = Newer {
         s: QcowprovStats {
@@ -155,7 +163,10 @@ fn a_larger_struct_is_accepted() {
     // SAFETY: live handle; the struct is as large as its struct_size says.
     assert_eq!(unsafe { qcowprov_get_stats(img, &mut n.s) }, 0);
     assert_eq!(n.s.struct_size as usize, std::mem::size_of::<Newer>());
-    assert_eq!(n.s.host_flushes, 1);
+    // Every field of the known part is written (a write and its flush synced something);
+    // the tail the library does not know stays as the caller left it.
+    assert!(n.s.host_flushes >= 1, "{:?}", n.s);
+    assert!(n.s.allocation_end > 0, "{:?}", n.s);
     assert_eq!(n.tail, [0xab; 24]);
     assert_eq!(close(img), 0);
 }
