@@ -32,7 +32,7 @@ secs() { sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'; }
 # run IMAGE DEPTH: one timed bench run (seconds).
 run() {
     local t
-    t=$("$BENCH" -w --random -c "$COUNT" -d "$2" --flush-interval="$FLUSH" "$1" | secs)
+    t=$("$BENCH" -i sync -w --random -c "$COUNT" -d "$2" --flush-interval="$FLUSH" "$1" | secs)
     [ -n "$t" ] || { echo "no timing from the bench on $1" >&2; exit 1; }
     echo "$t"
 }

@@ -2,15 +2,19 @@
  * qcowprov-bench: qemu-img bench over the libqcowprov C API.
  *
  *   qcowprov-bench [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-w]
- *                  [-t none|writeback] [--pattern=BYTE] [--flush-interval=N]
- *                  [-f qcow2|raw] [-q] FILE
+ *                  [-t none|writeback] [-i io_uring|threads|auto|sync]
+ *                  [--pattern=BYTE] [--flush-interval=N] [-f qcow2|raw] [-q] FILE
  *
  * Defaults as qemu-img bench: 75000 requests of 4096 bytes, depth 64, step =
- * size, offset 0, reads, cache=writeback. DEPTH is the number of threads
- * issuing requests; each takes the next request index from a shared counter.
- * Request i goes to OFFSET + i*STEP, wrapped as qemu-img bench wraps (modulo
- * image size - request size). `-f raw` runs the same loop with pread/pwrite on
- * the file (O_DIRECT for -t none): the ceiling to compare against.
+ * size, offset 0, reads, cache=writeback. As in qemu-img bench, DEPTH requests
+ * are in flight on one thread: they are submitted with qcowprov_aio_*, the
+ * thread polls the completion descriptor, reaps and submits the next ones
+ * (`-i` chooses the backend, the `aio=` open option; default auto). `-i sync`
+ * runs DEPTH threads calling the synchronous API instead, each taking the next
+ * request index from a shared counter. Request i goes to OFFSET + i*STEP,
+ * wrapped as qemu-img bench wraps (modulo image size - request size). `-f raw`
+ * runs the thread loop with pread/pwrite on the file (O_DIRECT for -t none):
+ * the ceiling to compare against (with `-i sync` on the qcow2 side).
  * `--random` (not in qemu-img bench) sends request i to a pseudo-random offset, a
  * multiple of SIZE below the image size, from a fixed hash of i: every run with the
  * same COUNT writes the same offsets (a bitmap cost measurement compares such runs).
@@ -19,6 +23,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,7 +37,8 @@ static const char *prog = "qcowprov-bench";
 
 struct bench {
     /* configuration */
-    int count, depth, is_write, pattern, flush_interval, raw, random;
+    int count, depth, is_write, pattern, flush_interval, raw, random, sync;
+    unsigned char *async_bufs; /* freed after qcowprov_close */
     uint64_t bufsize, step, offset, image_size;
     qcowprov_image *img;
     int fd;
@@ -47,7 +53,8 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: %s [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFFSET] [-w]\n"
-            "       [-t none|writeback] [--pattern=BYTE] [--flush-interval=N] [--random] [-f qcow2|raw] [-q] FILE\n",
+            "       [-t none|writeback] [-i io_uring|threads|auto|sync] [--pattern=BYTE]\n"
+            "       [--flush-interval=N] [--random] [-f qcow2|raw] [-q] FILE\n",
             prog);
 }
 
@@ -137,6 +144,101 @@ static void *worker(void *arg)
     return NULL;
 }
 
+/*
+ * DEPTH requests in flight on this thread: submit, poll the completion
+ * descriptor, reap, submit the next. Flushes (--flush-interval) wait for the
+ * requests in flight, as qemu-img bench's do.
+ */
+static void run_async(struct bench *b)
+{
+    struct qcowprov_aio_completion done[64];
+    unsigned char *bufs = NULL;
+    int *free_slots;
+    uint64_t issued = 0, completed = 0, since_flush = 0;
+    int nfree = b->depth, flushing = 0, fd, i, r;
+    char msg[400];
+
+    free_slots = calloc((size_t)b->depth, sizeof *free_slots);
+    if (free_slots == NULL || posix_memalign((void **)&bufs, 4096, b->bufsize * (uint64_t)b->depth) != 0) {
+        fail(b, "out of memory");
+        free(free_slots);
+        return;
+    }
+    for (i = 0; i < b->depth; i++) {
+        free_slots[i] = b->depth - 1 - i;
+        fill_pattern(bufs + (uint64_t)i * b->bufsize, b->bufsize, b->pattern);
+    }
+    fd = qcowprov_aio_fd(b->img);
+    if (fd < 0) {
+        snprintf(msg, sizeof msg, "cannot start the asynchronous queue: %s", lib_error(fd));
+        fail(b, msg);
+        goto out;
+    }
+    while (completed < (uint64_t)b->count) {
+        /* Fill the queue, unless a flush waits for it to drain. */
+        while (!flushing && nfree > 0 && issued < (uint64_t)b->count) {
+            int slot = free_slots[nfree - 1];
+            unsigned char *buf = bufs + (uint64_t)slot * b->bufsize;
+            uint64_t off = request_offset(b, issued);
+            r = b->is_write ? qcowprov_aio_pwrite(b->img, buf, b->bufsize, off, 0, (uint64_t)slot)
+                            : qcowprov_aio_pread(b->img, buf, b->bufsize, off, (uint64_t)slot);
+            if (r < 0) {
+                snprintf(msg, sizeof msg, "submitting request %" PRIu64 " at offset %" PRIu64 ": %s", issued,
+                         off, lib_error(r));
+                fail(b, msg);
+                goto out;
+            }
+            nfree--;
+            issued++;
+            since_flush++;
+            if (b->flush_interval && since_flush == (uint64_t)b->flush_interval) {
+                flushing = 1;
+                since_flush = 0;
+            }
+        }
+        if (flushing && nfree == b->depth) {
+            r = qcowprov_flush(b->img);
+            if (r < 0) {
+                snprintf(msg, sizeof msg, "flush failed: %s", lib_error(r));
+                fail(b, msg);
+                goto out;
+            }
+            flushing = 0;
+            continue;
+        }
+        r = qcowprov_aio_reap(b->img, done, 64);
+        if (r < 0) {
+            snprintf(msg, sizeof msg, "reap failed: %s", lib_error(r));
+            fail(b, msg);
+            goto out;
+        }
+        if (r == 0) {
+            struct pollfd p = { .fd = fd, .events = POLLIN };
+            if (poll(&p, 1, -1) < 0 && errno != EINTR) {
+                snprintf(msg, sizeof msg, "poll failed: %s", strerror(errno));
+                fail(b, msg);
+                goto out;
+            }
+            continue;
+        }
+        for (i = 0; i < r; i++) {
+            if (done[i].result != (int64_t)b->bufsize) {
+                snprintf(msg, sizeof msg, "a request failed: %s",
+                         done[i].result < 0 ? strerror((int)-done[i].result) : "short transfer");
+                fail(b, msg);
+                goto out;
+            }
+            free_slots[nfree++] = (int)done[i].cookie;
+            completed++;
+        }
+    }
+out:
+    /* Requests still in flight finish (or are cancelled) at qcowprov_close, before the
+     * buffers are freed: main closes the image first. */
+    b->async_bufs = bufs;
+    free(free_slots);
+}
+
 static int parse_u64_opt(const char *name, const char *v, uint64_t *out)
 {
     if (parse_size(v, out) < 0) {
@@ -157,7 +259,8 @@ int main(int argc, char **argv)
     };
     struct bench b;
     int c, quiet = 0, direct = 0, have_step = 0, ret = 0, r, i;
-    const char *file;
+    const char *file, *aio = "auto";
+    char open_opts[64];
     pthread_t *threads;
     double t0, t1;
 
@@ -168,7 +271,7 @@ int main(int argc, char **argv)
     b.fd = -1;
     pthread_mutex_init(&b.lock, NULL);
 
-    while ((c = getopt_long(argc, argv, "+c:d:s:S:o:wt:f:qh", long_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+c:d:s:S:o:wt:i:f:qh", long_opts, NULL)) != -1) {
         switch (c) {
         case 'c':
             if (parse_int(optarg, &b.count) < 0 || b.count < 1) {
@@ -211,6 +314,18 @@ int main(int argc, char **argv)
                 direct = 0;
             } else {
                 fprintf(stderr, "%s: Invalid cache mode '%s' (none or writeback)\n", prog, optarg);
+                return 1;
+            }
+            break;
+        case 'i':
+            if (strcmp(optarg, "sync") == 0) {
+                b.sync = 1;
+            } else if (strcmp(optarg, "io_uring") == 0 || strcmp(optarg, "threads") == 0 ||
+                       strcmp(optarg, "auto") == 0) {
+                b.sync = 0;
+                aio = optarg;
+            } else {
+                fprintf(stderr, "%s: Invalid aio '%s' (io_uring, threads, auto or sync)\n", prog, optarg);
                 return 1;
             }
             break;
@@ -282,7 +397,8 @@ int main(int argc, char **argv)
     } else {
         struct qcowprov_info info;
         uint32_t flags = (b.is_write ? 0 : QCOWPROV_OPEN_RDONLY) | (direct ? QCOWPROV_OPEN_DIRECT : 0);
-        r = qcowprov_open(file, NULL, flags, &b.img);
+        snprintf(open_opts, sizeof open_opts, "aio=%s,aio-queue-depth=%d", aio, b.depth);
+        r = qcowprov_open(file, open_opts, flags, &b.img);
         if (r < 0) {
             fprintf(stderr, "%s: %s\n", prog, lib_error(r));
             return 1;
@@ -307,6 +423,12 @@ int main(int argc, char **argv)
         fflush(stdout);
     }
 
+    if (!b.raw && !b.sync) {
+        t0 = now_sec();
+        run_async(&b);
+        t1 = now_sec();
+        goto done;
+    }
     threads = calloc((size_t)b.depth, sizeof *threads);
     if (threads == NULL) {
         fprintf(stderr, "%s: out of memory\n", prog);
@@ -327,6 +449,7 @@ int main(int argc, char **argv)
         pthread_join(threads[i], NULL);
     t1 = now_sec();
     free(threads);
+done:
     if (b.failed) {
         fprintf(stderr, "%s: %s\n", prog, b.error);
         ret = 1;
@@ -342,6 +465,7 @@ out:
             report(prog, "close", r);
             ret = 1;
         }
+        free(b.async_bufs);
     }
     pthread_mutex_destroy(&b.lock);
     return ret;

@@ -22,6 +22,29 @@
  *  - Image locks: opens take QEMU's image locks (as QEMU 2.10+ does), so
  *    this library, QEMU and its tools never write one image at once; an
  *    image in use gives -EBUSY. See qcowprov_open.
+ *
+ * Asynchronous I/O (qcowprov_aio_*), for event loops with many requests in
+ * flight on one thread (conventions of libnbd's nbd_aio_* and io_uring):
+ *  - Submission only queues: it checks the arguments and returns 0 (the
+ *    request will complete exactly once) or a negative errno (nothing queued,
+ *    no completion): -EAGAIN when aio-queue-depth requests are submitted and
+ *    not reaped, -EINVAL for NULL buffers, ranges past the end or, with
+ *    cache.direct=on, buffers/lengths/offsets not aligned to
+ *    qcowprov_info.aio_alignment, -EROFS for writes to a read-only image.
+ *    Metadata lookups, cache misses and ordering barriers run on the
+ *    library's threads, never on the caller's.
+ *  - Completion: qcowprov_aio_fd() is readable while completions wait;
+ *    qcowprov_aio_reap() hands them out (cookie, bytes or -errno), or a
+ *    callback set with qcowprov_aio_set_callback() receives them. A buffer is
+ *    the library's from submission until its completion is reaped.
+ *  - Ordering: requests in flight together may complete and apply in any
+ *    order. Requests that do not overlap never interfere; ordering
+ *    overlapping ones is the caller's job (wait for the first completion),
+ *    as in the block layer. A flush covers every request completed before
+ *    the flush was submitted; FUA covers its own write.
+ *  - Close: qcowprov_close() cancels requests not yet started (-ECANCELED),
+ *    lets started ones finish, drops unreaped completions (a callback still
+ *    gets them), then flushes; afterwards no buffer is touched again.
  */
 
 #ifndef QCOWPROV_H
@@ -156,6 +179,16 @@
 #define QCOWPROV_INFO_FORCE_SHARE 64
 
 /**
+ * `qcowprov_info.aio`: io_uring.
+ */
+#define QCOWPROV_AIO_IO_URING 1
+
+/**
+ * `qcowprov_info.aio`: a thread pool (QEMU's `aio=threads`).
+ */
+#define QCOWPROV_AIO_THREADS 2
+
+/**
  * `qcowprov_check` fix flag: repair leaked clusters (qemu-img check `-r leaks`).
  */
 #define QCOWPROV_CHECK_FIX_LEAKS 1
@@ -273,6 +306,30 @@ typedef uint32_t qcowprov_detect_zeroes;
  * released with `qcowprov_close`. One handle may be used from several threads at once.
  */
 typedef struct qcowprov_image qcowprov_image;
+
+/**
+ * A completed asynchronous request, as `qcowprov_aio_reap` returns it. Its layout is
+ * fixed (16 bytes, like an io_uring CQE) and will not grow.
+ */
+typedef struct qcowprov_aio_completion {
+    /**
+     * The cookie the request was submitted with.
+     */
+    uint64_t cookie;
+    /**
+     * Bytes read or written (0 for discard, write-zeroes and flush), or a negative errno
+     * (`-ECANCELED` for a request cancelled by `qcowprov_close`).
+     */
+    int64_t result;
+} qcowprov_aio_completion;
+
+/**
+ * A completion callback: called once per completed request, with the `opaque` pointer
+ * given to `qcowprov_aio_set_callback`, the request's cookie and its result (as
+ * `qcowprov_aio_completion.result`). It runs on a thread of the library, one call at a
+ * time; it may submit further requests but must not call `qcowprov_close` on the image.
+ */
+typedef void (*qcowprov_aio_cb)(void *opaque, uint64_t cookie, int64_t result);
 
 /**
  * The status of a guest range, filled by `qcowprov_block_status_depth`. Set
@@ -395,10 +452,25 @@ typedef struct qcowprov_info {
      * Every runtime option in force, NUL-terminated, as `key=value,...` that
      * `qcowprov_open` accepts: the policy, `detect-zeroes`, `pass-discard-snapshot`,
      * `pass-discard-other`, `read-only`, `cache.direct`, `locking` (`on` when locks are
-     * held), `force-share`, the effective cache sizes and `quarantine-slack`. Since
-     * version 2.
+     * held), `force-share`, the effective cache sizes, `quarantine-slack`, `aio` and
+     * `aio-queue-depth`. Since version 2.
      */
     char options[512];
+    /**
+     * The backend of asynchronous requests, chosen at open (`aio=` option): a
+     * `QCOWPROV_AIO_*` value. Since version 3 of the struct (`struct_size` >= 1808).
+     */
+    uint32_t aio;
+    /**
+     * Requests the asynchronous queue takes before they are reaped
+     * (`aio-queue-depth`). Since version 3.
+     */
+    uint32_t aio_queue_depth;
+    /**
+     * The alignment asynchronous requests need of buffer addresses, lengths and offsets
+     * (the direct I/O alignment with `cache.direct=on`, else 1). Since version 3.
+     */
+    uint64_t aio_alignment;
 } qcowprov_info;
 
 /**
@@ -612,7 +684,10 @@ int qcowprov_create(const char *path, const char *options, uint64_t size);
  * `discard-no-unref`, `pass-discard-request|snapshot|other`), `detect-zeroes=off|on|unmap`,
  * `read-only`, `cache.direct`, `l2-cache-size`, `l2-cache-entry-size`,
  * `refcount-cache-size`, `quarantine-slack`, `locking=on|off|auto` (alias `file.locking`),
- * `force-share`.
+ * `force-share`, `aio=auto|io_uring|threads` (the backend of the `qcowprov_aio_*` calls:
+ * `auto` takes io_uring where the kernel allows it, else a thread pool; `io_uring` fails
+ * the open with `-ENOTSUP` where it cannot be used) and `aio-queue-depth` (requests
+ * submitted and not reaped before `qcowprov_aio_*` gives `-EAGAIN`; default 1024).
  * NULL or "" means the defaults (`provision=metadata` on version 3 images,
  * `provision=thin` on version 2, `locking=auto`). `flags` is a combination of the
  * `QCOWPROV_OPEN_*` flags (or 0).
@@ -717,7 +792,13 @@ int qcowprov_format_fd(int fd, const char *options, uint64_t size);
 /**
  * Flushes and closes an image, releasing its locks and freeing the handle.
  *
- * Thread-safety: no other call may use `img` during or after this call.
+ * Asynchronous requests still in flight: those not started complete with `-ECANCELED`,
+ * started ones run to their end; then the queue stops. Completions nobody reaped are
+ * dropped (a callback set with `qcowprov_aio_set_callback` receives them before this
+ * call returns). After it returns the library never touches a request's buffers again.
+ *
+ * Thread-safety: no other call may use `img` during or after this call (nor a completion
+ * callback of the image: from there it fails with `-EDEADLK`).
  *
  * Returns 0 on success. The handle is closed even when the final flush fails; the flush
  * error is returned (e.g. `-EIO`, `-ENOSPC`). NULL `img` gives `-EINVAL`; a handle closed
@@ -898,6 +979,216 @@ int qcowprov_write_zeroes(struct qcowprov_image *img,
                           uint64_t offset,
                           uint64_t len,
                           uint32_t flags);
+
+/**
+ * Returns the descriptor to poll for completions (starting the image's queue if this is
+ * the first asynchronous call): it is readable (`POLLIN`) exactly while completions wait
+ * to be reaped. Do not read from it, write to it or close it: `qcowprov_aio_reap` resets
+ * it, `qcowprov_close` closes it.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns the descriptor (>= 0). Errors: `-EINVAL` for NULL `img`; `-EBADF` for a closed
+ * handle; `-ENOTSUP` when the backend chosen at open cannot start; `-ENOMEM`, ... when
+ * its threads or ring cannot be created.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open` (a closed one gives `-EBADF`).
+ */
+int qcowprov_aio_fd(struct qcowprov_image *img);
+
+/**
+ * Submits a read of `len` bytes of guest data at `offset` into `buf`; the completion's
+ * result is `len`.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 once queued. Errors (nothing queued): `-EINVAL` for NULL `img` or `buf`, a
+ * range beyond the virtual size, or (with `cache.direct=on`) `buf`, `len` or `offset` not
+ * aligned to `qcowprov_info.aio_alignment`; `-EAGAIN` when the queue is full (reap
+ * first); `-EBADF` for a closed handle.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`; `buf` NULL or valid for writes of
+ * `len` bytes, not accessed by anyone else until the completion is reaped.
+ */
+int qcowprov_aio_pread(struct qcowprov_image *img,
+                       void *buf,
+                       size_t len,
+                       uint64_t offset,
+                       uint64_t cookie);
+
+/**
+ * Submits a read of guest data at `offset` into the `iovcnt` buffers of `iov`, in order;
+ * the completion's result is their total length. The `iov` array itself may be reused
+ * once the call returns; the buffers it names may not.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 once queued. Errors: as `qcowprov_aio_pread`, and `-EINVAL` for NULL `iov`, a
+ * negative `iovcnt` or a NULL `iov_base` with a nonzero `iov_len`.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`; `iov` NULL or `iovcnt` readable
+ * entries, each buffer valid for writes of `iov_len` bytes, disjoint, and not accessed by
+ * anyone else until the completion is reaped.
+ */
+int qcowprov_aio_preadv(struct qcowprov_image *img,
+                        const struct iovec *iov,
+                        int iovcnt,
+                        uint64_t offset,
+                        uint64_t cookie);
+
+/**
+ * Submits a write of `len` bytes from `buf` at guest `offset`; `flags`: 0 or
+ * `QCOWPROV_WRITE_FUA` (durable when it completes). The completion's result is `len`.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 once queued. Errors: as `qcowprov_aio_pread`, `-EINVAL` for unknown flags,
+ * and `-EROFS` on a read-only image.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`; `buf` NULL or valid for reads of
+ * `len` bytes, not modified until the completion is reaped.
+ */
+int qcowprov_aio_pwrite(struct qcowprov_image *img,
+                        const void *buf,
+                        size_t len,
+                        uint64_t offset,
+                        uint32_t flags,
+                        uint64_t cookie);
+
+/**
+ * Submits a write of the `iovcnt` buffers of `iov`, in order, at guest `offset`;
+ * `flags`: 0 or `QCOWPROV_WRITE_FUA`. The `iov` array may be reused once the call
+ * returns; the buffers it names may not.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 once queued. Errors: as `qcowprov_aio_pwrite` and `qcowprov_aio_preadv`.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`; `iov` NULL or `iovcnt` readable
+ * entries, each buffer valid for reads of `iov_len` bytes and not modified until the
+ * completion is reaped.
+ */
+int qcowprov_aio_pwritev(struct qcowprov_image *img,
+                         const struct iovec *iov,
+                         int iovcnt,
+                         uint64_t offset,
+                         uint32_t flags,
+                         uint64_t cookie);
+
+/**
+ * Submits a discard of guest bytes `[offset, offset + len)` (as `qcowprov_discard`).
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 once queued. Errors: `-EINVAL` for NULL `img` or a range beyond the virtual
+ * size; `-EROFS` on a read-only image; `-EAGAIN` when the queue is full.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`.
+ */
+int qcowprov_aio_discard(struct qcowprov_image *img,
+                         uint64_t offset,
+                         uint64_t len,
+                         uint64_t cookie);
+
+/**
+ * Submits a write-zeroes of guest bytes `[offset, offset + len)` (as
+ * `qcowprov_write_zeroes`; `flags`: `QCOWPROV_ZERO_MAY_UNMAP`, `QCOWPROV_ZERO_NO_FALLBACK`).
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 once queued. Errors: as `qcowprov_aio_discard`, and `-EINVAL` for unknown
+ * flags.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`.
+ */
+int qcowprov_aio_write_zeroes(struct qcowprov_image *img,
+                              uint64_t offset,
+                              uint64_t len,
+                              uint32_t flags,
+                              uint64_t cookie);
+
+/**
+ * Submits a flush: when it completes, every request that completed before it was
+ * submitted is durable (requests still in flight at submission may or may not be).
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 once queued. Errors: `-EINVAL` for NULL `img`; `-EAGAIN` when the queue is
+ * full.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`.
+ */
+int qcowprov_aio_flush(struct qcowprov_image *img, uint64_t cookie);
+
+/**
+ * Moves up to `max` completions into `out[0..]`, oldest first, without blocking. Each
+ * reaped request stops counting against the queue depth, and its buffers are the
+ * caller's again.
+ *
+ * Thread-safety: thread-safe (completions are handed out once).
+ *
+ * Returns how many were written (0 when none wait). Errors: `-EINVAL` for NULL `img` or
+ * `out`; `-EBADF` for a closed handle.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`; `out` NULL or valid for writes of
+ * `max` completions.
+ */
+int qcowprov_aio_reap(struct qcowprov_image *img,
+                      struct qcowprov_aio_completion *out,
+                      uint32_t max);
+
+/**
+ * Waits until at least `min` completions wait to be reaped (fewer if fewer requests are
+ * in flight), or `timeout_ms` passed (-1: no limit; 0: do not wait). For callers without
+ * an event loop; an event loop polls `qcowprov_aio_fd` instead.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns how many completions wait. Errors: `-EINVAL` for NULL `img`; `-EBADF` for a
+ * closed handle.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`.
+ */
+int qcowprov_aio_wait(struct qcowprov_image *img, uint32_t min, int timeout_ms);
+
+/**
+ * Returns the number of requests submitted and not yet reaped (or handed to the
+ * callback).
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Errors: `-EINVAL` for NULL `img`; `-EBADF` for a closed handle.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`.
+ */
+int64_t qcowprov_aio_in_flight(struct qcowprov_image *img);
+
+/**
+ * Delivers every completion to `cb` instead of `qcowprov_aio_reap`: called on a library
+ * thread, one call at a time, with `opaque`. Set it before submitting (completions that
+ * were waiting go to it too). It may be set once per image.
+ *
+ * Thread-safety: thread-safe.
+ *
+ * Returns 0 on success. Errors: `-EINVAL` for NULL `img` or `cb`; `-EBUSY` when a
+ * callback is already set; `-EBADF` for a closed handle.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `qcowprov_open`; `cb` must be safe to call with
+ * `opaque` from another thread until `qcowprov_close` returns.
+ */
+int qcowprov_aio_set_callback(struct qcowprov_image *img, qcowprov_aio_cb cb, void *opaque);
 
 /**
  * Reports the status of the guest range starting at `offset`, looking at up to `len`

@@ -120,7 +120,10 @@ pub unsafe extern "C" fn qcowprov_create(
 /// `discard-no-unref`, `pass-discard-request|snapshot|other`), `detect-zeroes=off|on|unmap`,
 /// `read-only`, `cache.direct`, `l2-cache-size`, `l2-cache-entry-size`,
 /// `refcount-cache-size`, `quarantine-slack`, `locking=on|off|auto` (alias `file.locking`),
-/// `force-share`.
+/// `force-share`, `aio=auto|io_uring|threads` (the backend of the `qcowprov_aio_*` calls:
+/// `auto` takes io_uring where the kernel allows it, else a thread pool; `io_uring` fails
+/// the open with `-ENOTSUP` where it cannot be used) and `aio-queue-depth` (requests
+/// submitted and not reaped before `qcowprov_aio_*` gives `-EAGAIN`; default 1024).
 /// NULL or "" means the defaults (`provision=metadata` on version 3 images,
 /// `provision=thin` on version 2, `locking=auto`). `flags` is a combination of the
 /// `QCOWPROV_OPEN_*` flags (or 0).
@@ -325,7 +328,13 @@ pub unsafe extern "C" fn qcowprov_format_fd(fd: c_int, options: *const c_char, s
 
 /// Flushes and closes an image, releasing its locks and freeing the handle.
 ///
-/// Thread-safety: no other call may use `img` during or after this call.
+/// Asynchronous requests still in flight: those not started complete with `-ECANCELED`,
+/// started ones run to their end; then the queue stops. Completions nobody reaped are
+/// dropped (a callback set with `qcowprov_aio_set_callback` receives them before this
+/// call returns). After it returns the library never touches a request's buffers again.
+///
+/// Thread-safety: no other call may use `img` during or after this call (nor a completion
+/// callback of the image: from there it fails with `-EDEADLK`).
 ///
 /// Returns 0 on success. The handle is closed even when the final flush fails; the flush
 /// error is returned (e.g. `-EIO`, `-ENOSPC`). NULL `img` gives `-EINVAL`; a handle closed
@@ -339,8 +348,16 @@ pub unsafe extern "C" fn qcowprov_close(img: *mut QcowprovImage) -> c_int {
     guard(|| {
         // SAFETY: the caller guarantees `img` is NULL or a handle, and that no other thread
         // uses it during or after this call.
-        let image = unsafe { crate::tag::take(img) }?;
-        image.close()?;
+        let h = unsafe { crate::tag::handle(img) }?;
+        if h.queue.get().is_some_and(|q| q.on_callback_thread()) {
+            return Err(Failure::new(
+                libc::EDEADLK,
+                "qcowprov_close cannot be called from the image's completion callback",
+            ));
+        }
+        // SAFETY: as above.
+        let handle = unsafe { crate::tag::take(img) }?;
+        handle.close()?;
         Ok(0)
     })
 }

@@ -109,12 +109,26 @@ pub struct QcowprovInfo {
     /// Every runtime option in force, NUL-terminated, as `key=value,...` that
     /// `qcowprov_open` accepts: the policy, `detect-zeroes`, `pass-discard-snapshot`,
     /// `pass-discard-other`, `read-only`, `cache.direct`, `locking` (`on` when locks are
-    /// held), `force-share`, the effective cache sizes and `quarantine-slack`. Since
-    /// version 2.
+    /// held), `force-share`, the effective cache sizes, `quarantine-slack`, `aio` and
+    /// `aio-queue-depth`. Since version 2.
     pub options: [c_char; 512],
+    /// The backend of asynchronous requests, chosen at open (`aio=` option): a
+    /// `QCOWPROV_AIO_*` value. Since version 3 of the struct (`struct_size` >= 1808).
+    pub aio: u32,
+    /// Requests the asynchronous queue takes before they are reaped
+    /// (`aio-queue-depth`). Since version 3.
+    pub aio_queue_depth: u32,
+    /// The alignment asynchronous requests need of buffer addresses, lengths and offsets
+    /// (the direct I/O alignment with `cache.direct=on`, else 1). Since version 3.
+    pub aio_alignment: u64,
 }
 
-const_assert_eq!(size_of::<QcowprovInfo>(), 1792);
+/// `qcowprov_info.aio`: io_uring.
+pub const QCOWPROV_AIO_IO_URING: u32 = 1;
+/// `qcowprov_info.aio`: a thread pool (QEMU's `aio=threads`).
+pub const QCOWPROV_AIO_THREADS: u32 = 2;
+
+const_assert_eq!(size_of::<QcowprovInfo>(), 1808);
 const_assert_eq!(offset_of!(QcowprovInfo, struct_size), 0);
 const_assert_eq!(offset_of!(QcowprovInfo, version), 4);
 const_assert_eq!(offset_of!(QcowprovInfo, virtual_size), 8);
@@ -135,6 +149,9 @@ const_assert_eq!(offset_of!(QcowprovInfo, backing_format), 1240);
 const_assert_eq!(offset_of!(QcowprovInfo, detect_zeroes), 1272);
 const_assert_eq!(offset_of!(QcowprovInfo, reserved), 1276);
 const_assert_eq!(offset_of!(QcowprovInfo, options), 1280);
+const_assert_eq!(offset_of!(QcowprovInfo, aio), 1792);
+const_assert_eq!(offset_of!(QcowprovInfo, aio_queue_depth), 1796);
+const_assert_eq!(offset_of!(QcowprovInfo, aio_alignment), 1800);
 const_assert_eq!(size_of::<QcowprovProvision>(), 4);
 const_assert_eq!(size_of::<QcowprovDetectZeroes>(), 4);
 
@@ -166,6 +183,9 @@ impl Default for QcowprovInfo {
             detect_zeroes: 0,
             reserved: 0,
             options: [0; 512],
+            aio: 0,
+            aio_queue_depth: 0,
+            aio_alignment: 0,
         }
     }
 }
@@ -272,6 +292,12 @@ pub unsafe extern "C" fn qcowprov_get_info(
                 DetectZeroes::On => QcowprovDetectZeroes::On,
                 DetectZeroes::Unmap => QcowprovDetectZeroes::Unmap,
             } as u32,
+            aio: match i.aio {
+                qcow2_engine::AioKind::IoUring => QCOWPROV_AIO_IO_URING,
+                qcow2_engine::AioKind::Threads => QCOWPROV_AIO_THREADS,
+            },
+            aio_queue_depth: i.aio_queue_depth,
+            aio_alignment: i.aio_alignment,
             ..QcowprovInfo::default()
         };
         fill(&mut out.options, &i.options, "options")?;

@@ -18,8 +18,8 @@
 //! Layout: `error` (errno, last error, strerror), `boundary` (panics), `args` (argument
 //! checks), `tag` (the handle's memory and its check), `handle`
 //! (open/close/create/format/flush/resize/options), `io` (reads, writes, discard,
-//! write-zeroes), `status` (block status), `info`, `check`, `stats` (host request
-//! counters), `bitmaps` (persistent dirty bitmaps).
+//! write-zeroes), `aio` (the asynchronous queue for event loops), `status` (block status),
+//! `info`, `check`, `stats` (host request counters), `bitmaps` (persistent dirty bitmaps).
 
 // Declaration order is the order of the header (cbindgen follows it): errors, the
 // handle's lifetime, I/O, block status, info, check, stats, bitmaps.
@@ -28,6 +28,8 @@ mod error;
 mod handle;
 
 mod io;
+
+mod aio;
 
 mod status;
 
@@ -43,6 +45,12 @@ mod args;
 mod boundary;
 mod tag;
 
+pub use aio::{
+    qcowprov_aio_discard, qcowprov_aio_fd, qcowprov_aio_flush, qcowprov_aio_in_flight,
+    qcowprov_aio_pread, qcowprov_aio_preadv, qcowprov_aio_pwrite, qcowprov_aio_pwritev,
+    qcowprov_aio_reap, qcowprov_aio_set_callback, qcowprov_aio_wait, qcowprov_aio_write_zeroes,
+    QcowprovAioCb, QcowprovAioCompletion,
+};
 pub use bitmaps::{
     qcowprov_bitmap_add, qcowprov_bitmap_clear, qcowprov_bitmap_count, qcowprov_bitmap_dirty,
     qcowprov_bitmap_disable, qcowprov_bitmap_enable, qcowprov_bitmap_get, qcowprov_bitmap_merge,
@@ -63,9 +71,9 @@ pub use handle::{
 };
 pub use info::{
     qcowprov_get_info, qcowprov_highest_offset, QcowprovDetectZeroes, QcowprovInfo,
-    QcowprovProvision, QCOWPROV_INFO_COMPRESSION_ZSTD, QCOWPROV_INFO_EXTENDED_L2,
-    QCOWPROV_INFO_FORCE_SHARE, QCOWPROV_INFO_HAS_BACKING, QCOWPROV_INFO_LAZY_REFCOUNTS,
-    QCOWPROV_INFO_LOCKED, QCOWPROV_INFO_READ_ONLY,
+    QcowprovProvision, QCOWPROV_AIO_IO_URING, QCOWPROV_AIO_THREADS, QCOWPROV_INFO_COMPRESSION_ZSTD,
+    QCOWPROV_INFO_EXTENDED_L2, QCOWPROV_INFO_FORCE_SHARE, QCOWPROV_INFO_HAS_BACKING,
+    QCOWPROV_INFO_LAZY_REFCOUNTS, QCOWPROV_INFO_LOCKED, QCOWPROV_INFO_READ_ONLY,
 };
 pub use io::{
     qcowprov_discard, qcowprov_pread, qcowprov_preadv, qcowprov_pwrite, qcowprov_pwritev,

@@ -16,9 +16,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use qcow2_engine::Image;
+use qcow2_engine::{AioQueue, Image};
 
 use crate::error::{CResult, Failure};
 
@@ -39,8 +39,46 @@ pub(crate) const QUARANTINE: usize = 4;
 pub struct QcowprovImage {
     /// `LIVE` while open, `CLOSED` after `qcowprov_close`.
     tag: AtomicU64,
-    /// The image (a leaked `Box<Image>`) while `LIVE`, else null.
-    image: AtomicPtr<Image>,
+    /// The image (a leaked `Box<Handle>`) while `LIVE`, else null.
+    image: AtomicPtr<Handle>,
+}
+
+/// What an open handle owns: the image, and its asynchronous queue once an `aio` call
+/// started it.
+pub(crate) struct Handle {
+    /// The image (shared with the queue's threads while the queue runs).
+    pub(crate) img: Arc<Image>,
+    /// The asynchronous queue, started by the first `qcowprov_aio_*` call.
+    pub(crate) queue: OnceLock<AioQueue>,
+}
+
+impl Handle {
+    /// The queue, started on first use.
+    pub(crate) fn queue(&self) -> CResult<&AioQueue> {
+        if let Some(q) = self.queue.get() {
+            return Ok(q);
+        }
+        let q = AioQueue::start(self.img.clone())?;
+        // A racing first call may have set one already: ours is then shut down unused.
+        let _ = self.queue.set(q);
+        Ok(self.queue.get().expect("queue set above"))
+    }
+
+    /// Shut the queue down (see `qcowprov_close`), then flush and close the image.
+    pub(crate) fn close(mut self) -> CResult<()> {
+        if let Some(q) = self.queue.take() {
+            q.shutdown()?;
+            drop(q);
+        }
+        let img = Arc::try_unwrap(self.img).map_err(|_| {
+            Failure::new(
+                libc::EBUSY,
+                "the image is still used by its asynchronous queue",
+            )
+        })?;
+        img.close()?;
+        Ok(())
+    }
 }
 
 static_assertions::assert_impl_all!(QcowprovImage: Send, Sync);
@@ -54,7 +92,10 @@ fn retired() -> std::sync::MutexGuard<'static, VecDeque<&'static QcowprovImage>>
 
 /// A new handle for `image`.
 pub(crate) fn new_handle(image: Image) -> *mut QcowprovImage {
-    let image = Box::into_raw(Box::new(image));
+    let image = Box::into_raw(Box::new(Handle {
+        img: Arc::new(image),
+        queue: OnceLock::new(),
+    }));
     let reuse = {
         let mut r = retired();
         if r.len() > QUARANTINE {
@@ -117,13 +158,23 @@ unsafe fn shell<'a>(img: *const QcowprovImage) -> CResult<&'a QcowprovImage> {
 #[inline(always)]
 pub(crate) unsafe fn image<'a>(img: *const QcowprovImage) -> CResult<&'a Image> {
     // SAFETY: forwarded from the caller.
+    Ok(&unsafe { handle(img) }?.img)
+}
+
+/// The handle behind a handle argument, as [`image`].
+///
+/// # Safety
+/// As [`image`].
+#[inline(always)]
+pub(crate) unsafe fn handle<'a>(img: *const QcowprovImage) -> CResult<&'a Handle> {
+    // SAFETY: forwarded from the caller.
     let shell = unsafe { shell(img) }?;
     let tag = shell.tag.load(Ordering::Acquire);
     if tag != LIVE {
         return Err(bad_handle(tag));
     }
     let p = shell.image.load(Ordering::Acquire);
-    // SAFETY: a LIVE shell points at the image leaked by `new_handle`, which only `take`
+    // SAFETY: a LIVE shell points at the handle leaked by `new_handle`, which only `take`
     // frees, after clearing LIVE; the caller guarantees no close races with this borrow.
     Ok(unsafe { &*p })
 }
@@ -133,7 +184,7 @@ pub(crate) unsafe fn image<'a>(img: *const QcowprovImage) -> CResult<&'a Image> 
 ///
 /// # Safety
 /// As [`image`], and no other thread uses the handle during or after the call.
-pub(crate) unsafe fn take(img: *mut QcowprovImage) -> CResult<Box<Image>> {
+pub(crate) unsafe fn take(img: *mut QcowprovImage) -> CResult<Box<Handle>> {
     // SAFETY: forwarded from the caller.
     let shell: &'static QcowprovImage = unsafe { shell(img) }?;
     if let Err(tag) = shell
@@ -175,7 +226,7 @@ mod tests {
         };
         let close = |p: *mut QcowprovImage| {
             // SAFETY: see above.
-            unsafe { take(p) }.map(|img| img.close().unwrap())
+            unsafe { take(p) }.map(|h| h.close().unwrap())
         };
         let first = new_handle(new_image());
         assert!(check(first).is_ok());

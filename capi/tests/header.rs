@@ -133,7 +133,12 @@ SA(offsetof(struct qcowprov_info, backing_file) == 216);
 SA(offsetof(struct qcowprov_info, backing_format) == 1240);
 SA(offsetof(struct qcowprov_info, detect_zeroes) == 1272);
 SA(offsetof(struct qcowprov_info, options) == 1280);
-SA(sizeof(struct qcowprov_info) == 1792);
+SA(offsetof(struct qcowprov_info, aio) == 1792);
+SA(offsetof(struct qcowprov_info, aio_alignment) == 1800);
+SA(sizeof(struct qcowprov_info) == 1808);
+SA(sizeof(struct qcowprov_aio_completion) == 16);
+SA(offsetof(struct qcowprov_aio_completion, result) == 8);
+SA(QCOWPROV_AIO_IO_URING == 1 && QCOWPROV_AIO_THREADS == 2);
 SA(sizeof(struct qcowprov_status) == 32);
 SA(offsetof(struct qcowprov_status, host_offset) == 16);
 SA(offsetof(struct qcowprov_status, depth) == 24);
@@ -185,6 +190,18 @@ static void (*f_cb)(double, void *);
 static qcowprov_progress_cb *f_cb_check = &f_cb;
 static int (*f_check)(qcowprov_image *, uint32_t, struct qcowprov_check_result *, qcowprov_progress_cb, void *) = qcowprov_check;
 static int (*f_get_stats)(qcowprov_image *, struct qcowprov_stats *) = qcowprov_get_stats;
+static int (*f_aio_fd)(qcowprov_image *) = qcowprov_aio_fd;
+static int (*f_aio_pread)(qcowprov_image *, void *, size_t, uint64_t, uint64_t) = qcowprov_aio_pread;
+static int (*f_aio_pwrite)(qcowprov_image *, const void *, size_t, uint64_t, uint32_t, uint64_t) = qcowprov_aio_pwrite;
+static int (*f_aio_preadv)(qcowprov_image *, const struct iovec *, int, uint64_t, uint64_t) = qcowprov_aio_preadv;
+static int (*f_aio_pwritev)(qcowprov_image *, const struct iovec *, int, uint64_t, uint32_t, uint64_t) = qcowprov_aio_pwritev;
+static int (*f_aio_discard)(qcowprov_image *, uint64_t, uint64_t, uint64_t) = qcowprov_aio_discard;
+static int (*f_aio_zero)(qcowprov_image *, uint64_t, uint64_t, uint32_t, uint64_t) = qcowprov_aio_write_zeroes;
+static int (*f_aio_flush)(qcowprov_image *, uint64_t) = qcowprov_aio_flush;
+static int (*f_aio_reap)(qcowprov_image *, struct qcowprov_aio_completion *, uint32_t) = qcowprov_aio_reap;
+static int (*f_aio_wait)(qcowprov_image *, uint32_t, int) = qcowprov_aio_wait;
+static int64_t (*f_aio_in_flight)(qcowprov_image *) = qcowprov_aio_in_flight;
+static int (*f_aio_cb)(qcowprov_image *, qcowprov_aio_cb, void *) = qcowprov_aio_set_callback;
 int use_them(void);
 int use_them(void) {
     return f_version != 0 && f_strerror != 0 && f_last_error != 0 && f_create != 0 && f_open != 0
@@ -192,7 +209,10 @@ int use_them(void) {
         && f_discard != 0 && f_write_zeroes != 0 && f_flush != 0 && f_resize != 0
         && f_block_status != 0 && f_block_status_depth != 0 && f_get_info != 0
         && f_set_options != 0 && f_cb_check != 0 && f_check != 0 && f_get_stats != 0
-        && f_open_fd != 0 && f_format != 0 && f_format_fd != 0 && f_highest != 0;
+        && f_open_fd != 0 && f_format != 0 && f_format_fd != 0 && f_highest != 0
+        && f_aio_fd != 0 && f_aio_pread != 0 && f_aio_pwrite != 0 && f_aio_preadv != 0
+        && f_aio_pwritev != 0 && f_aio_discard != 0 && f_aio_zero != 0 && f_aio_flush != 0
+        && f_aio_reap != 0 && f_aio_wait != 0 && f_aio_in_flight != 0 && f_aio_cb != 0;
 }
 "#;
     std::fs::write(&src, checks).expect("write layout.c");

@@ -92,13 +92,25 @@ fn exports_only_the_c_api() {
         "qcowprov_bitmap_disable",
         "qcowprov_bitmap_merge",
         "qcowprov_bitmap_dirty",
+        "qcowprov_aio_fd",
+        "qcowprov_aio_pread",
+        "qcowprov_aio_preadv",
+        "qcowprov_aio_pwrite",
+        "qcowprov_aio_pwritev",
+        "qcowprov_aio_discard",
+        "qcowprov_aio_write_zeroes",
+        "qcowprov_aio_flush",
+        "qcowprov_aio_reap",
+        "qcowprov_aio_wait",
+        "qcowprov_aio_in_flight",
+        "qcowprov_aio_set_callback",
     ] {
         assert!(
             symbols.contains(&want),
             "{want} is not exported: {symbols:?}"
         );
     }
-    assert_eq!(symbols.len(), 34, "{symbols:?}");
+    assert_eq!(symbols.len(), 46, "{symbols:?}");
 }
 
 #[test]

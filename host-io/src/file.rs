@@ -515,6 +515,10 @@ impl Storage for FileStorage {
         }
     }
 
+    fn as_file(&self) -> Option<&FileStorage> {
+        Some(self)
+    }
+
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         if self.is_block_device() {
             return Ok(None);

@@ -62,6 +62,9 @@ macro_rules! forward_storage {
             fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
                 (**self).data_run(offset, len)
             }
+            fn as_file(&self) -> Option<&crate::FileStorage> {
+                (**self).as_file()
+            }
             fn allocated_size(&self) -> io::Result<Option<u64>> {
                 (**self).allocated_size()
             }

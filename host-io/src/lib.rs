@@ -58,9 +58,16 @@
 //! [`ContextError`]; [`raw_os_error_of`] finds the errno through the wrapper, and
 //! [`error_text`] words an error as a C library would (no " (os error N)" suffix).
 //!
-//! All `unsafe` code lives in the private `sys` module (thin wrappers over `fallocate`,
+//! # Asynchronous I/O
+//! [`aio`]: operations submitted with a tag and reaped later, over io_uring (files and
+//! block devices) or a thread pool (any storage); see the module for the contract.
+//!
+//! `unsafe` code lives in the private `sys` module (thin wrappers over `fallocate`,
 //! block-device ioctls, `lseek`, `preadv`/`pwritev`, `fcntl` locks and flags, and
-//! `strerror_r`): the crate denies `unsafe_code` everywhere else.
+//! `strerror_r`) and in three modules of `aio` that allow it on their `mod` line:
+//! `uring` (io_uring submissions), `eventfd` (the eventfd syscalls) and `buf` (the caller
+//! memory an [`aio::IoBuf`] may lend to the kernel), each block with a SAFETY comment. The
+//! crate denies `unsafe_code` everywhere else.
 //!
 //! # Test backends
 //! [`MemStorage`], [`FaultyStorage`] and [`CrashStorage`] exist with the `testing` feature
@@ -68,6 +75,7 @@
 //! carries none of them.
 #![deny(unsafe_code)]
 
+pub mod aio;
 mod aligned_buf;
 mod blockdev;
 #[cfg(feature = "testing")]
@@ -86,7 +94,7 @@ mod op;
 mod prng;
 mod probe;
 mod storage;
-#[allow(unsafe_code)] // the one home of system calls; each block has a SAFETY note
+#[allow(unsafe_code)] // the home of system calls (io_uring's and eventfd's are in `aio`)
 mod sys;
 
 pub use aligned_buf::AlignedBuf;

@@ -159,6 +159,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok((true, len))
     }
 
+    /// The file or block device under this storage, if it is one and I/O may go to its
+    /// descriptor directly (io_uring). Wrappers that change what operations do (fault
+    /// injection, crash recording) must not expose it.
+    fn as_file(&self) -> Option<&crate::FileStorage> {
+        None
+    }
+
     /// Bytes the backend actually allocates (a file's `st_blocks * 512`), if it can tell.
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         Ok(None)

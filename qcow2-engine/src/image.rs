@@ -48,12 +48,20 @@ pub struct OpenOptions {
     /// `None`: a sixteenth of the virtual size. `Some(0)`: reuse as soon as needed (one
     /// barrier per reuse, the file never grows for it).
     pub quarantine_slack: Option<u64>,
+    /// `aio`: the backend of the asynchronous queue ([`AioQueue`](crate::AioQueue)):
+    /// `io_uring`, `threads`, or `auto` (io_uring where the kernel allows it, else
+    /// threads). Chosen at open and reported in [`ImageInfo::aio`].
+    pub aio: crate::AioMode,
+    /// `aio-queue-depth`: requests an [`AioQueue`](crate::AioQueue) takes before they are
+    /// reaped; more are refused with `EAGAIN`. 0: the default, 1024.
+    pub aio_queue_depth: u32,
 }
 
 impl OpenOptions {
     /// Parse `key=value,...` runtime options: `read-only`, `cache.direct`,
     /// `l2-cache-size`, `l2-cache-entry-size`, `refcount-cache-size`, `quarantine-slack`,
-    /// `locking` (alias `file.locking`: on, off, auto), `force-share`, and the discard
+    /// `locking` (alias `file.locking`: on, off, auto), `force-share`, `aio` (auto,
+    /// io_uring, threads), `aio-queue-depth`, and the discard
     /// options (`discard`, `pass-discard-request|snapshot|other`, `discard-no-unref`,
     /// `detect-zeroes`, `provision`). Unknown keys are an error.
     pub fn parse(s: &str) -> Result<OpenOptions> {
@@ -76,6 +84,19 @@ impl OpenOptions {
                     }
                 }
                 "force-share" => o.force_share = parse_bool(&k, &v)?,
+                "aio" => o.aio = crate::AioMode::parse(&v)?,
+                "aio-queue-depth" => {
+                    o.aio_queue_depth = v
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|&d| (1..=crate::exec::async_queue::MAX_DEPTH).contains(&d))
+                        .ok_or_else(|| {
+                            invalid_arg!(
+                                "{k}: '{v}' is not a number from 1 to {}",
+                                crate::exec::async_queue::MAX_DEPTH
+                            )
+                        })?
+                }
                 _ => return Err(invalid_arg!("unknown open option '{k}'")),
             }
         }
@@ -137,10 +158,19 @@ pub struct ImageInfo {
     /// Every runtime option in force, as `key=value,...` that [`OpenOptions::parse`]
     /// accepts: the discard policy, `detect-zeroes`, `pass-discard-snapshot|other`,
     /// `read-only`, `cache.direct`, `locking` (`on` when locks are held), `force-share`,
-    /// the effective cache sizes and `quarantine-slack`.
+    /// the effective cache sizes, `quarantine-slack`, `aio` (the backend chosen) and
+    /// `aio-queue-depth`.
     pub options: String,
     /// Whether QEMU's image locks are held on the image file.
     pub locked: bool,
+    /// The backend asynchronous requests run on (chosen at open, see
+    /// [`OpenOptions::aio`]).
+    pub aio: crate::AioKind,
+    /// Requests an [`AioQueue`](crate::AioQueue) takes before they are reaped.
+    pub aio_queue_depth: u32,
+    /// The alignment asynchronous requests need of buffer addresses, lengths and offsets:
+    /// the direct I/O alignment with `cache.direct=on`, else 1.
+    pub aio_alignment: u64,
 }
 
 /// Counters an open image keeps about its own work on the host.
@@ -216,6 +246,8 @@ pub struct Image {
     pub(crate) opts: OpenOptions,
     /// Whether image locks are held on the image file.
     pub(crate) locked: bool,
+    /// The asynchronous backend chosen at open.
+    pub(crate) aio: crate::AioKind,
 }
 
 impl std::fmt::Debug for Image {
@@ -489,6 +521,9 @@ impl Image {
             detect_zeroes: st.policy.detect_zeroes,
             options: self.runtime_options(&st),
             locked: self.locked,
+            aio: self.aio,
+            aio_queue_depth: crate::exec::async_queue::depth_of(&self.opts),
+            aio_alignment: crate::exec::async_queue::alignment_of(self),
         }
     }
 
@@ -498,7 +533,8 @@ impl Image {
         let (l2_entry, l2_entries, rb_entry, rb_entries) = st.meta.cache_geometry();
         format!(
             "{},read-only={},cache.direct={},locking={},force-share={},l2-cache-size={},\
-             l2-cache-entry-size={},refcount-cache-size={},quarantine-slack={}",
+             l2-cache-entry-size={},refcount-cache-size={},quarantine-slack={},aio={},\
+             aio-queue-depth={}",
             st.policy.describe_all(),
             on(self.read_only),
             on(self.opts.direct),
@@ -508,6 +544,8 @@ impl Image {
             format_size(l2_entry),
             format_size(rb_entry * rb_entries),
             format_size(self.quarantine_slack.unwrap_or(self.virtual_size() / 16)),
+            self.aio,
+            crate::exec::async_queue::depth_of(&self.opts),
         )
     }
 

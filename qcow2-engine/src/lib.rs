@@ -13,7 +13,7 @@
 //! | `image.rs` | the handle: open options, info, the plan / execute / commit frame |
 //! | `request/` | guest requests, each planned under the lock: `read`, `write`, `zero` (discard and write-zeroes), `status` (block status, map), `claims` |
 //! | `plan.rs` | a planned request as a value: host I/O, pins, claims, commit edits |
-//! | `exec/` | executors that carry out plans (`sync`), decompression |
+//! | `exec/` | executors that carry out plans (`sync`; `async_*`: the queue-depth API over io_uring or a thread pool), decompression |
 //! | `meta/` | metadata components: header, mapping (L1, L2 cache, lock-free entry cache), refcounts, allocator and quarantine, write-back order, host-op queue, overlap regions, persistent bitmaps (`meta/bitmaps/`: exact bits, tables, write intent); the highest allocated offset |
 //! | `provision/` | the discard / write-zeroes policy and the pure per-cluster decision |
 //! | `integrity/` | the L1/L2 walker, check, repair |
@@ -102,6 +102,8 @@ mod request;
 pub use bitmaps::{BitmapInfo, MAX_BITMAP_NAME};
 pub use changes::{ChangeKind, ContentWatcher};
 pub use error::{Error, Result};
+pub use exec::async_queue::{AioCompletion, AioMode, AioQueue, AioRequest};
+pub use host_io::aio::{AioKind, IoBuf};
 pub use host_io::Locking;
 pub use image::{Image, ImageInfo, ImageStats, OpenOptions};
 pub use integrity::check::{CheckReport, Repair};

@@ -206,7 +206,7 @@ fn runtime_options_reopen_the_same_way() {
     let p = new_image(&d, "a.qcow2", "size=1G");
     let img = Image::open(
         &p,
-        &opts("read-only=on,l2-cache-size=1M,detect-zeroes=on,pass-discard-other=on"),
+        &opts("read-only=on,l2-cache-size=1M,detect-zeroes=on,pass-discard-other=on,aio=threads"),
     )
     .unwrap();
     let o = img.info().options;
@@ -214,7 +214,8 @@ fn runtime_options_reopen_the_same_way() {
         o,
         "provision=metadata,detect-zeroes=on,pass-discard-snapshot=on,pass-discard-other=on,\
          read-only=on,cache.direct=off,locking=on,force-share=off,l2-cache-size=1M,\
-         l2-cache-entry-size=64k,refcount-cache-size=256k,quarantine-slack=64M"
+         l2-cache-entry-size=64k,refcount-cache-size=256k,quarantine-slack=64M,aio=threads,\
+         aio-queue-depth=1024"
     );
     drop(img);
     let again = Image::open(&p, &opts(&o)).unwrap();

@@ -106,6 +106,8 @@ pub(crate) fn open_backing(
             let o = OpenOptions {
                 read_only: true,
                 discard: Default::default(),
+                // Backing files are read by the executors through the overlay, never queued.
+                aio: crate::AioMode::Threads,
                 ..opts.clone()
             };
             let img = Image::open_storage_in_chain(storage, &o, canon.parent(), &chain)?;

@@ -195,6 +195,7 @@ impl Image {
             free_gen: free_gen.clone(),
             header,
         };
+        let aio = crate::exec::async_queue::choose_backend(&storage, opts, geo)?;
         let img = Image {
             state: Mutex::new(State {
                 meta,
@@ -219,6 +220,7 @@ impl Image {
             quarantine_slack: opts.quarantine_slack,
             opts: opts.clone(),
             locked: false,
+            aio,
         };
         Ok(img)
     }

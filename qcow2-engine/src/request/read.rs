@@ -178,7 +178,7 @@ impl Image {
     /// Extents of a read inside one cluster from the lock-free entry cache, if it knows
     /// the cluster.
     #[inline]
-    fn resolve_fast(&self, guest: u64, len: u64) -> Option<Extents> {
+    pub(crate) fn resolve_fast(&self, guest: u64, len: u64) -> Option<Extents> {
         let geo = self.geo;
         let cl = geo.align_down(guest);
         if geo.align_down(guest + len - 1) != cl {
@@ -228,7 +228,7 @@ impl Image {
     /// cached only after they decoded as valid under the lock, and never compressed ones,
     /// so the entry word alone says where the bytes are.
     #[inline]
-    fn fast_host(&self, len: u64, off: u64) -> Option<u64> {
+    pub(crate) fn fast_host(&self, len: u64, off: u64) -> Option<u64> {
         let geo = self.geo;
         let bits = geo.cluster_bits();
         let end = off.checked_add(len)?;

@@ -81,7 +81,7 @@ impl Image {
                 let mut st = self.lock_unclaimed(g >> self.geo.cluster_bits())?;
                 st.meta.prepare_first_write()?;
                 self.announce(&mut st, g, rest.len() as u64, kind)?;
-                let (plan, n) = self.plan_write(&mut st, g, rest)?;
+                let (plan, n) = self.plan_write(&mut st, g, rest.len())?;
                 self.begin(&mut st, &plan);
                 pos += n;
                 plan
@@ -91,11 +91,12 @@ impl Image {
         Ok(())
     }
 
-    /// Plan the next batch of a write of `data` at `g`; returns it and the bytes it covers.
-    fn plan_write(&self, st: &mut State, g: u64, data: &[u8]) -> Result<(Plan, usize)> {
-        let (exts, n) = self.plan_in_place(st, g, data.len() as u64)?;
+    /// Plan the next batch of a write of `len` bytes at `g` (guest data at offset 0 of the
+    /// batch's buffer); returns it and the bytes it covers.
+    pub(crate) fn plan_write(&self, st: &mut State, g: u64, len: usize) -> Result<(Plan, usize)> {
+        let (exts, n) = self.plan_in_place(st, g, len as u64)?;
         if n == 0 {
-            return self.plan_alloc(st, g, data);
+            return self.plan_alloc(st, g, len);
         }
         let mut plan = Plan::default();
         let mut at = 0usize;
@@ -170,19 +171,19 @@ impl Image {
     }
 
     /// Plan an allocating batch of clusters from `g`; returns it and the bytes it covers.
-    fn plan_alloc(&self, st: &mut State, g: u64, data: &[u8]) -> Result<(Plan, usize)> {
+    fn plan_alloc(&self, st: &mut State, g: u64, len: usize) -> Result<(Plan, usize)> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut targets: Vec<Target> = Vec::new();
         let mut pos = 0usize;
-        while pos < data.len() && (targets.len() as u64) < MAX_BATCH {
+        while pos < len && (targets.len() as u64) < MAX_BATCH {
             let p = g + pos as u64;
             if !targets.is_empty() && st.claims.is_claimed(p >> geo.cluster_bits()) {
                 break;
             }
             let cl = geo.align_down(p);
             let a = p - cl;
-            let b = (a + (data.len() - pos) as u64).min(cs);
+            let b = (a + (len - pos) as u64).min(cs);
             let (entry, kind, _) = st.meta.l2_kind(p)?;
             if !targets.is_empty() && self.in_place(&entry, kind, a, b) {
                 break;
@@ -273,12 +274,15 @@ impl Image {
             len,
             fill: Fill::Zeroes,
         };
-        if t.reuse.is_some() {
-            // Rewriting a cluster in place while its entry changes (e.g. zero-allocated to
-            // data): the old bytes (stale, pre-zeroing) must not become visible through a
-            // new entry that reaches the disk before the data does.
-            plan.data_first = true;
-        }
+        // Rewriting a cluster in place while its entry changes (e.g. zero-allocated to
+        // data): the old bytes (stale, pre-zeroing) must not become visible through a
+        // new entry that reaches the disk before the data does. A fresh cluster too: a
+        // barrier of another request between this allocation and the end of its data
+        // write (requests in flight together) syncs the refcounts early, and the entry
+        // could then reach the disk before data that extends the file (a crash leaves
+        // an entry past the end: found by the async crash sweep). Costs no extra sync
+        // where refcounts wait for one anyway (one sync serves both).
+        plan.data_first = true;
         let old_is_zero = match t.kind {
             ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc { .. } => true,
             ClusterKind::Unallocated => self.backing.is_none(),

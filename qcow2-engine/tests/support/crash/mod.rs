@@ -13,7 +13,10 @@ mod sweep;
 use std::sync::Arc;
 
 use host_io::CrashStorage;
-use qcow2_engine::{create_on, CreateOptions, Image, Mode, OpenOptions, Provision};
+use qcow2_engine::{
+    create_on, AioQueue, AioRequest, CreateOptions, Image, IoBuf, Mode, OpenOptions, Provision,
+    ZeroFlags,
+};
 
 use crate::support::{Rng, TempDir};
 #[allow(unused_imports)] // not every test binary runs a sweep
@@ -54,7 +57,9 @@ pub struct Workload {
     pub name: String,
     /// The recording backend.
     pub storage: Arc<CrashStorage>,
-    img: Option<Image>,
+    img: Option<Arc<Image>>,
+    /// The asynchronous queue, once an async step started it.
+    queue: Option<AioQueue>,
     /// Recorded steps.
     pub steps: Vec<StepRec>,
     /// Guest content now (sized to `max_size`; zeros past the virtual size).
@@ -149,7 +154,8 @@ impl Workload {
         let w = Workload {
             name: name.to_string(),
             storage,
-            img: Some(img),
+            img: Some(Arc::new(img)),
+            queue: None,
             steps: Vec::new(),
             model: initial.clone(),
             size,
@@ -290,7 +296,8 @@ impl Workload {
 
     /// Close the image (a barrier: it flushes).
     pub fn close(&mut self) {
-        let img = self.img.take().expect("open");
+        self.queue = None;
+        let img = Arc::try_unwrap(self.img.take().expect("open")).expect("the queue let go");
         let start = self.storage.op_count();
         img.close().expect("close");
         let end = self.storage.op_count();
@@ -323,6 +330,135 @@ impl Workload {
                 self.model[a as usize + i]
             );
         }
+    }
+
+    /// Up to `n` requests in flight together through the asynchronous queue (on the
+    /// recording storage: the thread-pool backend), on disjoint cluster spans: unaligned
+    /// writes (some FUA), write-zeroes (with and without may-unmap) and discards. One
+    /// step whose effects are the batch's (each may or may not be durable at a crash
+    /// inside it); every request must succeed.
+    pub fn async_batch(&mut self, rng: &mut Rng, n: usize) {
+        let cs = self.cs;
+        let clusters = self.size / cs;
+        let tag = (self.steps.len() as u64 * 0x9e37 + 1) as u8 | 1;
+        let mut taken: Vec<(u64, u64)> = Vec::new();
+        let mut reqs: Vec<(u64, AioRequest)> = Vec::new();
+        let mut effects = Vec::new();
+        let mut what = Vec::new();
+        let mut released = Vec::new();
+        for _ in 0..n * 3 {
+            if reqs.len() >= n {
+                break;
+            }
+            let k = 1 + rng.below(3.min(clusters));
+            let c = rng.below(clusters - k + 1);
+            if taken.iter().any(|&(a, b)| c < b && a < c + k) {
+                continue;
+            }
+            taken.push((c, c + k));
+            let span = k * cs;
+            let len = 1 + rng.below(span);
+            let off = c * cs + rng.below(span - len + 1);
+            let user = reqs.len() as u64;
+            match rng.below(6) {
+                0..=3 => {
+                    let data: Vec<u8> = (off..off + len)
+                        .map(|p| tag.wrapping_add(((p >> 9) as u8).wrapping_mul(29)))
+                        .collect();
+                    let fua = rng.below(4) == 0;
+                    let buf = IoBuf::copy_of(&data).expect("buffer");
+                    reqs.push((user, AioRequest::Write { off, buf, fua }));
+                    what.push(format!(
+                        "write{} {off:#x}+{len:#x}",
+                        if fua { "_fua" } else { "" }
+                    ));
+                    effects.push(Effect::Bytes(off, data));
+                }
+                4 => {
+                    let may_unmap = rng.below(2) == 0;
+                    let flags = ZeroFlags {
+                        may_unmap,
+                        ..Default::default()
+                    };
+                    reqs.push((user, AioRequest::WriteZeroes { off, len, flags }));
+                    what.push(format!("write_zeroes {off:#x}+{len:#x} unmap={may_unmap}"));
+                    effects.push(Effect::Zero(off, len));
+                    released.push((off, len));
+                }
+                _ => {
+                    let (a, b) = (off.div_ceil(cs) * cs, (off + len) / cs * cs);
+                    reqs.push((user, AioRequest::Discard { off, len }));
+                    what.push(format!("discard {off:#x}+{len:#x}"));
+                    if self.discard_zeroes && a < b {
+                        effects.push(Effect::Zero(a, b - a));
+                    }
+                    released.push((off, len));
+                }
+            }
+        }
+        let count = reqs.len();
+        let touched = taken.clone();
+        let img = self.img.as_ref().expect("image open").clone();
+        let q = self
+            .queue
+            .get_or_insert_with(|| AioQueue::start(img).expect("start the queue"));
+        let start = self.storage.op_count();
+        let (queued, err) = q.submit_many(reqs);
+        assert!(err.is_none() && queued == count, "submission: {err:?}");
+        let mut done = Vec::new();
+        while done.len() < count {
+            q.wait(count - done.len(), Some(std::time::Duration::from_secs(60)));
+            let before = done.len();
+            q.reap(usize::MAX, &mut done);
+            assert!(done.len() > before, "{}: async batch hung", self.name);
+        }
+        for c in &done {
+            if let Err(e) = &c.result {
+                panic!("{}: async {}: {e}", self.name, what[c.user as usize]);
+            }
+        }
+        let end = self.storage.op_count();
+        for e in &effects {
+            apply(&mut self.model, &mut self.size, e);
+        }
+        self.steps.push(StepRec {
+            start,
+            end,
+            barrier: false,
+            effects,
+            what: format!("async batch [{}]", what.join(", ")),
+            // A batch names many ranges; the bitmap sweeps (crash_bitmaps) do not use
+            // the asynchronous queue, and their check reads this field only.
+            range: None,
+        });
+        self.released.extend(released);
+        for (a, b) in touched {
+            self.verify_live(a * cs, (b - a) * cs);
+        }
+    }
+
+    /// A flush through the asynchronous queue (a barrier once it completed).
+    pub fn async_flush(&mut self) {
+        let img = self.img.as_ref().expect("image open").clone();
+        let q = self
+            .queue
+            .get_or_insert_with(|| AioQueue::start(img).expect("start the queue"));
+        let start = self.storage.op_count();
+        q.submit(u64::MAX, AioRequest::Flush).expect("submit flush");
+        let mut done = Vec::new();
+        q.wait(1, Some(std::time::Duration::from_secs(60)));
+        q.reap(1, &mut done);
+        assert_eq!(done.len(), 1, "{}: async flush hung", self.name);
+        done[0].result.as_ref().expect("async flush");
+        let end = self.storage.op_count();
+        self.steps.push(StepRec {
+            start,
+            end,
+            barrier: true,
+            effects: Vec::new(),
+            what: "async flush".into(),
+            range: None,
+        });
     }
 
     /// Check the whole live image against the model.

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Asynchronous I/O at queue depth, side by side in one run (run by hand, not by CI):
+#
+#   examples/bench-aio.sh [WORKDIR]     (needs qemu-img, qemu-io, fio, /usr/bin/time)
+#
+# - the limit: fio on the raw copy of the image (ioengine=io_uring, direct=1), 4 KiB
+#   random reads at depth 32, against qcowprov-bench -t none -i io_uring -d 32 on the
+#   qcow2 image (offsets scattered by a large prime step, all allocated);
+# - the peer: qemu-img bench -t none -i io_uring -d 32 on the same images: reads,
+#   overwrites of allocated data, allocating writes on a fresh image (4 KiB into every
+#   64 KiB cluster);
+# - depth scaling 1, 4, 16, 32, 64 for reads and allocating writes, with CPU time per
+#   request (user+sys of the whole process / requests).
+# Figures are IOPS; ratios are ours / theirs (above 1: we are faster).
+# Environment: COUNT (requests per case, default 50000), SIZE_GB (default 1).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+make -s -C "$here" >/dev/null
+BENCH=$here/build/qcowprov-bench
+COUNT=${COUNT:-50000}
+SIZE=${SIZE_GB:-1}G
+STEP=$((4096 * 7919))
+# Allocating writes: 4 KiB at every 64 KiB cluster, each allocating one, never wrapping.
+ACOUNT=$((${SIZE_GB:-1} * 16384 - 1))
+work=${1:-$(mktemp -d "${TMPDIR:-/tmp}/qcowprov-aio.XXXXXX")}
+mkdir -p "$work"
+trap 'rm -rf "$work"' EXIT
+for t in qemu-img qemu-io fio; do
+    command -v $t >/dev/null || { echo "bench-aio: $t is required" >&2; exit 1; }
+done
+
+# run CMD...: "IOPS CPU_US_PER_REQUEST" from "Run completed in X seconds." and time(1).
+run() {
+    local out t cpu
+    out=$(/usr/bin/time -f 'CPU %U %S' "$@" 2>&1)
+    t=$(echo "$out" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p')
+    cpu=$(echo "$out" | awk '/^CPU/ {print $2 + $3}')
+    [ -n "$t" ] || { echo "no timing from: $* ($out)" >&2; exit 1; }
+    awk -v n="${N:-$COUNT}" -v t="$t" -v c="$cpu" 'BEGIN{printf "%.0f %.2f", n / t, c * 1e6 / n}'
+}
+
+row() { # label ours theirs (IOPS first fields)
+    awk -v l="$1" -v a="${2%% *}" -v b="${3%% *}" \
+        'BEGIN{printf "%-48s %9d %9d %6.2f\n", l, a, b, a / b}'
+}
+
+echo "images in $work, $COUNT requests per case, one run"
+qemu-img create -q -f qcow2 "$work/full.qcow2" "$SIZE"
+qemu-io -c "write -q -P 0x5a 0 $SIZE" "$work/full.qcow2"
+qemu-img convert -O raw "$work/full.qcow2" "$work/full.raw"
+qemu-img create -q -f qcow2 "$work/empty-template.qcow2" "$SIZE"
+# sync: O_DIRECT runs right after a copy would pay for its dirty page cache.
+fresh() { cp "$work/empty-template.qcow2" "$work/empty.qcow2"; sync; }
+sync
+
+printf '%-48s %9s %9s %6s\n' "case (IOPS)" "qcowprov" "other" "ratio"
+ours=$(run "$BENCH" -t none -i io_uring -d 32 -c "$COUNT" -S "$STEP" "$work/full.qcow2")
+fio_iops=$(fio --name=r --filename="$work/full.raw" --ioengine=io_uring --direct=1 --rw=randread \
+    --bs=4k --iodepth=32 --number_ios="$COUNT" --size="$SIZE" --output-format=terse \
+    --terse-version=3 | awk -F';' '{print $8}')
+row "4K random read d32 O_DIRECT vs fio raw" "$ours" "$fio_iops"
+qemu=$(run qemu-img bench -f qcow2 -t none -i io_uring -d 32 -c "$COUNT" -S "$STEP" "$work/full.qcow2")
+row "4K read d32 vs qemu-img bench" "$ours" "$qemu"
+cp "$work/full.qcow2" "$work/over.qcow2"
+sync
+ours=$(run "$BENCH" -w -t none -i io_uring -d 32 -c "$COUNT" -S "$STEP" "$work/over.qcow2")
+qemu=$(run qemu-img bench -w -f qcow2 -t none -i io_uring -d 32 -c "$COUNT" -S "$STEP" "$work/over.qcow2")
+row "4K overwrite d32 vs qemu-img bench" "$ours" "$qemu"
+fresh
+ours=$(N=$ACOUNT run "$BENCH" -w -t none -i io_uring -d 32 -c "$ACOUNT" -S 65536 "$work/empty.qcow2")
+qemu-img check -q "$work/empty.qcow2"
+fresh
+qemu=$(N=$ACOUNT run qemu-img bench -w -f qcow2 -t none -i io_uring -d 32 -c "$ACOUNT" -S 65536 "$work/empty.qcow2")
+row "4K allocating write d32 vs qemu-img bench" "$ours" "$qemu"
+rm -f "$work/empty.qcow2"
+qemu-img check -q "$work/over.qcow2"
+
+echo
+printf '%-6s %-10s %9s %9s %6s %12s %12s\n' depth case ours qemu ratio "us CPU/req" "qemu us/req"
+for d in 1 4 16 32 64; do
+    o=$(run "$BENCH" -t none -i io_uring -d "$d" -c "$COUNT" -S "$STEP" "$work/full.qcow2")
+    q=$(run qemu-img bench -f qcow2 -t none -i io_uring -d "$d" -c "$COUNT" -S "$STEP" "$work/full.qcow2")
+    awk -v d="$d" -v o="$o" -v q="$q" 'BEGIN{split(o,a," "); split(q,b," ");
+        printf "%-6s %-10s %9d %9d %6.2f %12.2f %12.2f\n", d, "read", a[1], b[1], a[1]/b[1], a[2], b[2]}'
+    fresh
+    o=$(N=$ACOUNT run "$BENCH" -w -t none -i io_uring -d "$d" -c "$ACOUNT" -S 65536 "$work/empty.qcow2")
+    fresh
+    q=$(N=$ACOUNT run qemu-img bench -w -f qcow2 -t none -i io_uring -d "$d" -c "$ACOUNT" -S 65536 "$work/empty.qcow2")
+    awk -v d="$d" -v o="$o" -v q="$q" 'BEGIN{split(o,a," "); split(q,b," ");
+        printf "%-6s %-10s %9d %9d %6.2f %12.2f %12.2f\n", d, "alloc 4K", a[1], b[1], a[1]/b[1], a[2], b[2]}'
+done
