@@ -160,23 +160,7 @@ impl Image {
         if bm.find(name.as_bytes()).is_some() {
             return Err(Error::Exists(format!("Bitmap already exists: {name}")));
         }
-        if bm.list.len() as u64 + 1 > u64::from(MAX_BITMAPS) {
-            return Err(Error::NoSpace(
-                "Maximum number of persistent bitmaps is already reached".into(),
-            ));
-        }
-        let dir_size: usize = bm
-            .list
-            .iter()
-            .map(|b| b.name.len())
-            .chain([name.len()])
-            .map(BitmapDirEntry::encoded_len)
-            .sum();
-        if dir_size as u64 > MAX_BITMAP_DIRECTORY_SIZE {
-            return Err(Error::NoSpace(
-                "Not enough space in the bitmap directory".into(),
-            ));
-        }
+        room_for_one_more(bm.list.iter().map(|b| b.name.len()), name.len())?;
         let m = &mut st.meta;
         let table_off = m.bitmap_new_table(n, &[])?;
         let chunks = bits.div_ceil(CHUNK_BITS);
@@ -321,5 +305,62 @@ impl Image {
     pub fn bitmaps_maintained(&self) -> bool {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.meta.bitmaps.status == Status::Loaded
+    }
+}
+
+/// QEMU's two directory limits for adding a bitmap named with `name_len` bytes beside
+/// bitmaps whose names have `existing` lengths: at most 65535 bitmaps, and a directory of
+/// at most 64 MiB (`NoSpace`, with QEMU's words).
+fn room_for_one_more(
+    existing: impl ExactSizeIterator<Item = usize>,
+    name_len: usize,
+) -> Result<()> {
+    if existing.len() as u64 + 1 > u64::from(MAX_BITMAPS) {
+        return Err(Error::NoSpace(
+            "Maximum number of persistent bitmaps is already reached".into(),
+        ));
+    }
+    let dir_size: u64 = existing
+        .chain([name_len])
+        .map(|n| BitmapDirEntry::encoded_len(n) as u64)
+        .sum();
+    if dir_size > MAX_BITMAP_DIRECTORY_SIZE {
+        return Err(Error::NoSpace(
+            "Not enough space in the bitmap directory".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_65536th_bitmap_is_refused() {
+        // 65,534 bitmaps take a 65,535th; 65,535 take no more (QEMU's QCOW2_MAX_BITMAPS).
+        let n = MAX_BITMAPS as usize;
+        assert!(room_for_one_more(std::iter::repeat_n(8, n - 1), 8).is_ok());
+        let e = room_for_one_more(std::iter::repeat_n(8, n), 8).unwrap_err();
+        assert!(matches!(e, Error::NoSpace(_)), "{e}");
+        assert!(e.to_string().contains("Maximum number"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_past_64_mib_is_refused() {
+        // Names of 1023 bytes take 1,048 bytes of directory each (24-byte entry, name,
+        // padding to 8): 64,035 of them exceed 64 MiB while the count is within limits.
+        let per = BitmapDirEntry::encoded_len(MAX_BITMAP_NAME) as u64;
+        assert!(per > 1024, "{per}");
+        let fit = (MAX_BITMAP_DIRECTORY_SIZE / per) as usize;
+        assert!(room_for_one_more(
+            std::iter::repeat_n(MAX_BITMAP_NAME, fit - 1),
+            MAX_BITMAP_NAME
+        )
+        .is_ok());
+        let e = room_for_one_more(std::iter::repeat_n(MAX_BITMAP_NAME, fit), MAX_BITMAP_NAME)
+            .unwrap_err();
+        assert!(matches!(e, Error::NoSpace(_)), "{e}");
+        assert!(e.to_string().contains("bitmap directory"), "{e}");
     }
 }
