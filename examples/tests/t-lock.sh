@@ -96,11 +96,10 @@ clean() {
     fi
 }
 
-# lockbytes FILE: the lock ranges on FILE's inode, from /proc/locks ("100-101 103 201 203").
+# lockbytes FILE: the lock ranges anyone holds on FILE ("100-101 103 201 203"), probed with
+# F_OFD_GETLK (lockbytes.py says why not /proc/locks).
 lockbytes() {
-    ino=$(stat -L -c %i "$1")
-    awk -v ino="$ino" '$2 == "OFDLCK" && $6 ~ ":" ino "$" { print ($7 == $8 ? $7 : $7 "-" $8) }' \
-        /proc/locks | sort -n | tr '\n' ' ' | sed 's/ $//'
+    python3 "$TESTS/lockbytes.py" "$1"
 }
 
 qemu-img create -q -f qcow2 a.qcow2 16M

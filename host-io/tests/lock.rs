@@ -1,4 +1,4 @@
-//! QEMU's image locks on FileStorage: which bytes each request holds (as /proc/locks shows
+//! QEMU's image locks on FileStorage: which bytes each request holds (probed as QEMU probes
 //! them, compared with what QEMU 10's tools hold), who excludes whom, force-share, locking
 //! off, lock-before-truncate, descriptors from the caller, and a killed holder.
 //! Interoperation with qemu-io and qemu-img runs in examples/tests/t-lock.sh.
@@ -6,8 +6,8 @@
 mod common;
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -28,23 +28,40 @@ fn open(p: &Path, req: LockRequest) -> std::io::Result<FileStorage> {
     FileStorage::open(p, &FileOptions::new().read_only(ro).lock(Some(req)))
 }
 
-/// The lock bytes held on `p`'s inode, from /proc/locks: (first, last) ranges, sorted.
-fn proc_locks(p: &Path) -> Vec<(u64, u64)> {
-    let ino = std::fs::metadata(p).unwrap().ino();
-    let text = std::fs::read_to_string("/proc/locks").unwrap();
-    let mut out: Vec<(u64, u64)> = text
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // "1: OFDLCK ADVISORY READ -1 fe:00:123 100 101"
-            let at = f.iter().position(|w| w.ends_with(&format!(":{ino}")))?;
-            assert_eq!(f[1], "OFDLCK", "{l}");
-            assert_eq!(f[3], "READ", "only shared locks are ever taken: {l}");
-            Some((f[at + 1].parse().ok()?, f[at + 2].parse().ok()?))
-        })
-        .collect();
-    out.sort();
-    out
+/// The lock bytes held on `p`'s inode by anyone: (first, last) ranges, sorted, merged.
+///
+/// Asked byte by byte with `F_OFD_GETLK` from a fresh open file description, as QEMU's
+/// `raw_check_lock_bytes` asks. Not read from /proc/locks: that file is a seq_file walked by
+/// index across read() calls, so while other tests (or processes) release locks an entry can
+/// be skipped, and a held byte looked free (a CI run failed that way).
+fn held_bytes(p: &Path) -> Vec<(u64, u64)> {
+    let probe = std::fs::File::open(p).unwrap();
+    let mut held: Vec<(u64, u64)> = Vec::new();
+    for byte in 0..512u64 {
+        // SAFETY: flock is plain old data; zeroed is a valid value of it.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = byte as libc::off_t;
+        fl.l_len = 1;
+        // SAFETY: a valid descriptor we own and a valid, writable struct flock for
+        // F_OFD_GETLK, which only reads and writes that struct.
+        let rc = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+        if fl.l_type == libc::F_UNLCK as libc::c_short {
+            continue;
+        }
+        assert_eq!(
+            fl.l_type,
+            libc::F_RDLCK as libc::c_short,
+            "only shared locks are ever taken (byte {byte})"
+        );
+        match held.last_mut() {
+            Some(r) if r.1 + 1 == byte => r.1 = byte,
+            _ => held.push((byte, byte)),
+        }
+    }
+    held
 }
 
 fn conflict(r: std::io::Result<FileStorage>) -> (LockConflict, String) {
@@ -76,11 +93,11 @@ fn bytes_held_match_qemu_tools() {
         ),
     ] {
         let s = FileStorage::open(&p, &FileOptions::new().lock(Some(req))).unwrap();
-        assert_eq!(proc_locks(&p), want, "{req:?}");
+        assert_eq!(held_bytes(&p), want, "{req:?}");
         assert_eq!(s.held_lock(), Some(req));
         drop(s);
         assert_eq!(
-            proc_locks(&p),
+            held_bytes(&p),
             vec![],
             "dropping the storage releases {req:?}"
         );
@@ -110,7 +127,7 @@ fn who_excludes_whom() {
     ];
     for (holder, opener, refused) in cases {
         let h = open(&p, holder).unwrap();
-        let before = proc_locks(&p);
+        let before = held_bytes(&p);
         match refused {
             Some(msg) => {
                 let (c, text) = conflict(open(&p, opener));
@@ -121,7 +138,7 @@ fn who_excludes_whom() {
                 );
                 assert_eq!(c.perm, Perms::WRITE);
                 assert_eq!(
-                    proc_locks(&p),
+                    held_bytes(&p),
                     before,
                     "a refused open leaves no lock behind"
                 );
@@ -176,7 +193,7 @@ fn relock_downgrades_and_upgrades() {
     let p = image(&d);
     let a = open(&p, LockRequest::WRITER).unwrap();
     assert!(a.lock(LockRequest::READER).unwrap());
-    assert_eq!(proc_locks(&p), vec![(100, 100), (201, 201), (203, 203)]);
+    assert_eq!(held_bytes(&p), vec![(100, 100), (201, 201), (203, 203)]);
     let b = open(&p, LockRequest::READER).unwrap();
     // Upgrading back conflicts with the reader; what was held stays held.
     let e = a.lock(LockRequest::WRITER).unwrap_err();
@@ -185,7 +202,7 @@ fn relock_downgrades_and_upgrades() {
     drop(b);
     assert!(a.lock(LockRequest::WRITER).unwrap());
     a.unlock().unwrap();
-    assert_eq!(proc_locks(&p), vec![]);
+    assert_eq!(held_bytes(&p), vec![]);
 }
 
 #[test]
