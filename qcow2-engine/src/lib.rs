@@ -48,7 +48,8 @@
 //! - Operations that wait on host I/O under the lock: cache misses and evictions,
 //!   allocation that grows the refcount structures, table moves, barriers (flush, the
 //!   quarantine release), deferred host discards, check and repair. Guest data I/O never
-//!   runs under it, except the copy-on-write read of an unaligned write-zeroes check.
+//!   runs under it, except the read of the rest of a subcluster an unaligned
+//!   write-zeroes checks in `provision=` modes (QEMU-style options ask block status).
 //! - A panic while the lock is held, or while a plan runs, fails the handle: every later
 //!   call returns EIO and nothing half-updated is ever flushed.
 //!

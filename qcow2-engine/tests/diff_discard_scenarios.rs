@@ -18,8 +18,9 @@
 //! `zero: true, data: true` rows from QEMU's metadata-preallocation heuristic (see
 //! `support::prov::without_recursed_zero`), and filled holes from copying: twins are forked
 //! with a sparse copy, because a raw backing file's holes are part of its block status (a
-//! partial write-zeroes next to a hole zeroes the whole cluster; next to zero *bytes* QEMU
-//! writes zero bytes, where the engine, which reads the neighbourhood, zeroes the cluster).
+//! partial write-zeroes next to a hole zeroes the whole cluster; next to zero *bytes*, data
+//! to block status, QEMU allocates the cluster and writes zero bytes, and so does the
+//! engine with these QEMU-style options: `backing_case` has both).
 //! Version 2 with a backing file is the one place where results differ by design: QEMU's
 //! block layer swallows the driver's ENOTSUP for discard, the engine returns it.
 
@@ -280,8 +281,13 @@ fn requests_spanning_l2_tables_4k_clusters() {
 /// zero afterwards), over overlay data, partial clusters that need copy-on-write.
 fn backing_case(fmt: &str, create_opts: &str) {
     let size = 1024 * K;
-    // Base: data in two areas, the rest a hole (raw) or unallocated (qcow2).
-    let base_cmds = ["write -P 0xbb 0 320k", "write -P 0xbc 640k 256k"];
+    // Base: data in two areas, written zero bytes in a third, the rest a hole (raw) or
+    // unallocated (qcow2).
+    let base_cmds = [
+        "write -P 0xbb 0 320k",
+        "write -P 0 448k 64k",
+        "write -P 0xbc 640k 256k",
+    ];
     let t = twins(
         "dd-backing",
         create_opts,
@@ -299,6 +305,8 @@ fn backing_case(fmt: &str, create_opts: &str) {
         Discard(128 * K, 64 * K),    // overlay data over backing data
         ZeroUnmap(256 * K, 96 * K),  // backing data, then backing hole, partial tail
         Zero(384 * K, 64 * K),       // nowhere allocated
+        Zero(448 * K + 100, 1000),   // partial, backing zero bytes: allocated, as QEMU
+        ZeroUnmap(600 * K, 1000),    // partial, backing hole: a zero cluster
         ZeroUnmap(650 * K, 20 * K),  // partial cluster over backing data: zero bytes
         Zero(700 * K + 3, 30 * K),   // overlay cluster partly written, unaligned
         Discard(768 * K, 256 * K),   // backing data to the end

@@ -7,7 +7,10 @@
 //! - 034 "copy-on-write over a backing file, unaligned" -> `iotest_034_cow_over_backing`
 //! - 066 "discarding preallocated zero clusters" -> `iotest_066_discard_prealloc_zero`
 //! - 154 "write-zeroes with a backing file" (head/tail partial clusters over backing
-//!   data and over unallocated ranges) -> `iotest_154_zeroes_over_backing`
+//!   data and over unallocated ranges, base and overlay of one cluster size)
+//!   -> `iotest_154_zeroes_over_backing`; 154's own sections (a base of smaller clusters,
+//!   unaligned image tails, shorter backing files, raw entries compared) and resize are in
+//!   `diff_iotests_154.rs`
 //! - 179 "write zeroes with unmap" (every step, base and overlay) -> `iotest_179_*`
 //! - 290 "discard on v2 and v3, with and without a backing file" -> `iotest_290_discard`
 //! - tests/write-zeroes-unmap (a raw image under qemu-system's monitor there; here its
@@ -89,9 +92,9 @@ fn twins(tag: &str, opts: &str, size: &str, with_base: bool) -> Twins {
     let d = TempDir::new(tag);
     let (qb, ob) = if with_base {
         let (qb, ob) = (d.path("qb.qcow2"), d.path("ob.qcow2"));
-        // The base has the overlay's cluster size: its unallocated ranges are then whole
-        // clusters (a base cluster holding data and zero bytes reads as data in QEMU's
-        // zero test, where the engine reads the bytes: a documented difference).
+        // The base has the overlay's cluster size here; bases of smaller clusters (154's
+        // setup, where one overlay cluster spans base data and unallocated base clusters)
+        // are in `diff_iotests_154.rs`.
         create(&qb, opts, size, None);
         create(&ob, opts, size, None);
         (Some(qb), Some(ob))

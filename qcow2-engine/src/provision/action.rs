@@ -19,6 +19,13 @@
 //!   a first write does not cover stays a hole on the host, and the file may end inside
 //!   its last cluster (qemu-img map reports the hole as zeros); with QEMU-style options
 //!   and host layers `full` / `anchor` a new cluster is allocated whole, as in QEMU.
+//! - a write-zeroes covering part of a (sub)cluster zeroes the whole (sub)cluster as
+//!   metadata when the rest of it reads zero. With QEMU-style options "reads zero" is
+//!   QEMU's block-status test (`is_zero`): a zero subcluster, or an unallocated one over a
+//!   backing range that is unallocated down the chain, zero, a raw file's hole or past
+//!   the backing file's end; a backing data cluster holding zero bytes is data, and QEMU
+//!   allocates the cluster and writes zeros. `provision=` modes read the rest of the
+//!   subcluster instead: zero bytes are zero, so no cluster is allocated for them.
 
 use qcow2_format::l2::{BITMAP_ALL_ZEROES, OFLAG_ZERO};
 use qcow2_format::{ClusterKind, L2Entry};

@@ -105,27 +105,31 @@ impl Image {
         match &self.backing {
             None => Ok(own),
             Some(b) if off >= b.size() => Ok(own),
-            Some(b) => {
-                let len = own.len.min(b.size() - off);
-                match b {
-                    Backing::Qcow2(img) => img.status_at_depth(off, len, depth + 1),
-                    Backing::Raw(s, _) => {
-                        let (data, n) = s.data_run(off, len).map_err(Error::io_lazy(|| {
-                            format!("querying holes of the raw backing file at {off:#x}")
-                        }))?;
-                        Ok(BlockStatus {
-                            len: n.max(1).min(len),
-                            present: true,
-                            data,
-                            zero: !data,
-                            compressed: false,
-                            depth: depth + 1,
-                            host_offset: Some(off),
-                        })
-                    }
-                }
-            }
+            Some(b) => backing_status(b, off, own.len.min(b.size() - off), depth + 1),
         }
+    }
+
+    /// QEMU's `is_zero` test below this image (`bdrv_block_status_above` from the backing
+    /// file down): whether block status says `[off, off+len)` of the backing chain reads
+    /// zero. Zero means no backing file, past a backing file's end, unallocated down the
+    /// chain, zero clusters and subclusters, holes of a raw file (SEEK_HOLE), and host
+    /// holes under data of a metadata-preallocated image; never the bytes themselves: a
+    /// data cluster or a raw extent holding zero bytes is data. The backing chain is
+    /// read-only while this image holds it, so the answer does not need this image's lock.
+    pub(crate) fn backing_reads_zero(&self, off: u64, len: u64) -> Result<bool> {
+        let Some(b) = &self.backing else {
+            return Ok(true);
+        };
+        let end = off.saturating_add(len).min(b.size());
+        let mut pos = off;
+        while pos < end {
+            let st = backing_status(b, pos, end - pos, 1)?;
+            if !st.zero {
+                return Ok(false);
+            }
+            pos += st.len.max(1);
+        }
+        Ok(true)
     }
 
     /// On an image that looks metadata-preallocated, a data range whose host bytes are a
@@ -240,6 +244,27 @@ impl Image {
             pos = cl_end;
         }
         Ok(acc.expect("a non-empty range has a status"))
+    }
+}
+
+/// The status of `[off, off+len)` (inside its size) in backing file `b`, layer `depth`.
+fn backing_status(b: &Backing, off: u64, len: u64, depth: u32) -> Result<BlockStatus> {
+    match b {
+        Backing::Qcow2(img) => img.status_at_depth(off, len, depth),
+        Backing::Raw(s, _) => {
+            let (data, n) = s.data_run(off, len).map_err(Error::io_lazy(|| {
+                format!("querying holes of the raw backing file at {off:#x}")
+            }))?;
+            Ok(BlockStatus {
+                len: n.max(1).min(len),
+                present: true,
+                data,
+                zero: !data,
+                compressed: false,
+                depth,
+                host_offset: Some(off),
+            })
+        }
     }
 }
 

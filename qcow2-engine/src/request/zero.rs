@@ -3,8 +3,9 @@
 //! refcounts under the lock, and the host effects on kept clusters run afterwards without
 //! it, with the clusters claimed. A long request never holds the lock for its whole range.
 //! Parts smaller than a (sub)cluster follow QEMU: zeroed as metadata when the rest of the
-//! subcluster already reads zero, otherwise written as zero bytes (or refused with
-//! `no_fallback`, QEMU's `BDRV_REQ_NO_FALLBACK`).
+//! subcluster already reads zero (by block status, as QEMU's `is_zero`, with QEMU-style
+//! options; by its bytes in `provision=` modes), otherwise written as zero bytes (or
+//! refused with `no_fallback`, QEMU's `BDRV_REQ_NO_FALLBACK`).
 
 use qcow2_format::l2::{bitmap, OFLAG_ZERO};
 use qcow2_format::{ClusterKind, L2Entry, SubclusterKind};
@@ -332,12 +333,33 @@ impl Image {
 
     /// A range inside one subcluster: if the rest of the subcluster reads zero and holds
     /// no data, zero the whole subcluster; otherwise write zero bytes (QEMU's ENOTSUP
-    /// fallback). The test and the zeroing happen under one lock hold.
+    /// fallback).
+    ///
+    /// "Reads zero" is decided as QEMU decides it with QEMU-style options: by block status
+    /// (`is_zero`), never by the bytes. The subcluster must be a zero subcluster, or
+    /// unallocated where the backing chain's status says zero (`backing_reads_zero`): a
+    /// backing data cluster holding zero bytes is data, so QEMU allocates the cluster and
+    /// writes zeros. The chain's status is asked before the lock (the backing files are
+    /// read-only), the subcluster's kind under it. Provisioning modes read the rest of
+    /// the subcluster under the lock instead and zero it as metadata when its bytes are
+    /// zero (fewer clusters allocated; a documented deviation in `provision::action`).
     fn zero_unaligned(&self, s: u64, e: u64, flags: ZeroFlags) -> Result<Option<(u64, u64)>> {
         let geo = self.geo;
         let sc = geo.subcluster_size();
         let sub = s - s % sc;
         let sub_end = (sub + sc).min(self.virtual_size());
+        let exact = matches!(
+            self.lock()?.policy.mode,
+            crate::provision::policy::Mode::Qemu { .. }
+        );
+        let below_zero = if exact {
+            Some(
+                self.backing_reads_zero(sub, s - sub)?
+                    && self.backing_reads_zero(e, sub_end - e)?,
+            )
+        } else {
+            None
+        };
         let plan = {
             let mut st = self.lock_unclaimed(sub >> geo.cluster_bits())?;
             st.meta.prepare_first_write()?;
@@ -351,8 +373,17 @@ impl Image {
                     | SubclusterKind::ZeroPlain
                     | SubclusterKind::ZeroAlloc
             );
+            let exact = matches!(st.policy.mode, crate::provision::policy::Mode::Qemu { .. });
             let mut rest_zero = false;
-            if empty {
+            if let (true, Some(below_zero)) = (exact, below_zero) {
+                rest_zero = match sk {
+                    SubclusterKind::ZeroPlain | SubclusterKind::ZeroAlloc => true,
+                    SubclusterKind::UnallocatedPlain | SubclusterKind::UnallocatedAlloc => {
+                        below_zero
+                    }
+                    _ => false,
+                };
+            } else if empty {
                 let mut head = vec![0u8; (s - sub) as usize];
                 let mut tail = vec![0u8; (sub_end - e) as usize];
                 self.read_locked(&mut st.meta, &mut head, sub)?;
