@@ -140,3 +140,48 @@ fn crash_with_lazy_refcounts_repairs_on_open() {
     }
     total.assert_ok("lazy refcounts", 700);
 }
+
+/// An overlay smaller than its raw backing file, grown over the backing file's data: the
+/// new area must read zero (QEMU zeroes it on truncate) at every crash point, never the
+/// backing file's bytes: either the old size, or the new size with zeros there. The old
+/// size ends inside a cluster (an explicit zero head) and, with extended L2, inside a
+/// subcluster.
+#[test]
+fn crash_during_resize_over_a_longer_backing_file() {
+    let mut total = Stats::default();
+    let cases = [
+        ("discard=unmap", "cluster_size=4k", (1 << 20) + 1536),
+        (
+            "provision=thin",
+            "cluster_size=16k,extended_l2=on",
+            (1 << 20) + 2560,
+        ),
+    ];
+    for (i, (opts, create, start)) in cases.into_iter().enumerate() {
+        let dir = TempDir::new("crashgrowb");
+        let base: Vec<u8> = (0..3u64 << 20)
+            .map(|p| ((p >> 9) * 7 % 251) as u8 | 1)
+            .collect();
+        std::fs::write(dir.path("base.raw"), &base).unwrap();
+        // The guest content: the backing file's bytes up to the old size, zeros after.
+        let max = 4u64 << 20;
+        let mut initial = base[..start as usize].to_vec();
+        initial.resize(max as usize, 0);
+        let mut w = Workload::over_backing(
+            &format!("grow over a longer backing file [{create}] {opts}"),
+            &format!("{create},backing_file=base.raw,backing_fmt=raw"),
+            start,
+            opts,
+            dir,
+            initial,
+        );
+        let mut rng = Rng(470 + i as u64);
+        w.random_steps(&mut rng, 40);
+        w.resize(max - 64 * KIB);
+        w.random_steps(&mut rng, 80);
+        w.verify_all();
+        w.close();
+        total.add(&sweep(&w, sampling(i as u64)));
+    }
+    total.assert_ok("growth over a longer backing file", 300);
+}

@@ -29,12 +29,16 @@
 //!   file's end must copy; writes at both ends of the partial cluster keep its middle)
 //!   -> `section_tail_allocation_required`
 //!
-//! Beyond 154 (the differences the zero test makes):
+//! Beyond 154 (the differences the zero test makes, and resize):
 //! - backing data clusters written with zero bytes (`write -P 0`) next to a partial
 //!   write-zeroes, against unallocated and zero backing clusters, for a qcow2 base and a
 //!   raw base (written zero bytes vs a hole): QEMU allocates and writes zeros next to zero
 //!   *data*; `provision=` modes zero as metadata there (the documented deviation)
 //!   -> `zero_bytes_vs_holes_*`
+//! - an overlay grown past its shorter backing file's end (`qemu-img resize` against
+//!   `Image::resize`), then writes and write-zeroes around the backing file's end; and an
+//!   overlay smaller than its backing file grown (QEMU zeroes the new area so the backing
+//!   data does not show) -> `resize_*`
 
 mod support;
 
@@ -147,6 +151,14 @@ impl Twins {
     /// `ops` under QEMU's defaults as the iotests run them.
     fn run(&self, ops: &[Op]) {
         self.run_with("discard=unmap", ops)
+    }
+
+    /// Resize both overlays: `qemu-img resize` and `Image::resize`.
+    fn resize(&self, size: u64) {
+        qemu_img(&["resize", "-q", self.q.to_str().unwrap(), &size.to_string()]);
+        let img = Image::open(&self.o, &OpenOptions::default()).expect("open");
+        img.resize(size).expect("Image::resize");
+        img.close().expect("close");
     }
 
     /// The module doc's comparison.
@@ -556,4 +568,149 @@ fn zero_bytes_provision_modes_zero_as_metadata() {
         assert!(buf[..100].iter().all(|&b| b == 7) && buf[100..1100].iter().all(|&b| b == 0));
         assert!(buf[1100..].iter().all(|&b| b == 7));
     }
+}
+
+/// qemu-img's virtual size of `p`.
+fn virtual_size(p: &Path) -> u64 {
+    qemu_img_info_json(p)["virtual-size"].as_u64().unwrap()
+}
+
+#[test]
+fn resize_past_shorter_backing_file() {
+    require_qemu_tools();
+    // The base ends 1 KiB into a 4 KiB overlay cluster; the overlay starts as large as the
+    // base and grows past it, then requests land around the base's end.
+    let bsize = (1 << 20) + K;
+    for (opts, base_opts) in [
+        ("cluster_size=4096", "cluster_size=512"),
+        ("extended_l2=on", ""),
+    ] {
+        let t = twins(
+            &format!("i154-resize-{}", opts.len()),
+            opts,
+            bsize,
+            Some(("qcow2", base_opts, bsize)),
+        );
+        t.base(&[&format!("write -q -P 0x5a 0 {bsize}")]);
+        // The overlay's last, partial cluster written before the resize (copy-on-write
+        // up to the image's end).
+        t.run(&[Op::Write((1 << 20) + 512, 256, 0x11)]);
+        t.resize(3 << 20);
+        assert_eq!(virtual_size(&t.o), 3 << 20);
+        t.same(&format!(
+            "resize: grown past the backing file's end [{opts}]"
+        ));
+        t.run(&[
+            Op::Zero((1 << 20) - 512, 2 * K),  // straddles the backing end
+            Op::Write(bsize + 512, 512, 0x22), // just past it, same cluster as data
+            Op::Zero((2 << 20) + 100, 300),    // far past it: reads zero already
+            Op::ZeroUnmap((1 << 20) + 4 * K, 8 * K),
+            Op::Write((3 << 20) - 700, 700, 0x33), // the new end
+        ]);
+        t.same(&format!(
+            "resize: requests around the backing file's end [{opts}]"
+        ));
+    }
+}
+
+#[test]
+fn resize_overlay_shorter_than_backing_file() {
+    require_qemu_tools();
+    // An overlay created smaller than its backing file, grown: QEMU zeroes the new area
+    // (the base's data there must not appear), as zero clusters with an explicitly
+    // written unaligned head.
+    for (size, opts) in [
+        (512 * K, "cluster_size=4096"),
+        (512 * K + 1536, "cluster_size=4096"),
+        (300 * K + 512, "extended_l2=on"),
+    ] {
+        let t = twins(
+            &format!("i154-grow-{size}"),
+            opts,
+            size,
+            Some(("qcow2", "", 2 << 20)),
+        );
+        t.base(&["write -q -P 0x5a 0 2M"]);
+        t.run(&[Op::Write(size - 512, 512, 0x11)]);
+        t.resize(3 << 20);
+        t.same(&format!(
+            "resize: overlay of {size} grown over a longer base [{opts}]"
+        ));
+        let img = Image::open(&t.o, &OpenOptions::default()).unwrap();
+        let mut buf = vec![0xffu8; (3 << 20) - size as usize];
+        img.read_at(&mut buf, size).unwrap();
+        img.close().unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "the grown area shows the backing data"
+        );
+        t.run(&[Op::Zero(size - 100, 200), Op::Write(size + 100, 100, 0x22)]);
+        t.same(&format!("resize: requests at the old end [{opts}]"));
+    }
+}
+
+#[test]
+fn resize_v2_overlay_shorter_than_backing_file() {
+    require_qemu_tools();
+    // Version 2 has no zero clusters: QEMU cannot zero whole new clusters and fails the
+    // resize; growing inside the last subcluster (explicit zero bytes only) works.
+    let t = twins(
+        "i154-grow-v2",
+        "compat=0.10",
+        512 * K,
+        Some(("qcow2", "compat=0.10", 2 << 20)),
+    );
+    t.base(&["write -q -P 0x5a 0 2M"]);
+    let (code, _, err) = qemu_img_status(&["resize", t.q.to_str().unwrap(), "3M"]);
+    assert_ne!(code, 0, "qemu-img resize of a v2 overlay: {err}");
+    let img = Image::open(&t.o, &OpenOptions::default()).unwrap();
+    let e = img.resize(3 << 20).unwrap_err();
+    assert!(
+        e.to_string().contains("Failed to zero out new clusters"),
+        "{e}"
+    );
+    assert_eq!(img.virtual_size(), 512 * K);
+    img.close().unwrap();
+    assert_eq!(virtual_size(&t.q), 512 * K);
+    assert_check_clean(&t.o);
+    assert_identical(&t.q, &t.o);
+    let t = twins(
+        "i154-grow-v2-head",
+        "compat=0.10",
+        1536,
+        Some(("qcow2", "compat=0.10", 2 << 20)),
+    );
+    t.base(&["write -q -P 0x5a 0 2M"]);
+    t.resize(2048);
+    t.same("resize: v2 overlay grown inside its last cluster");
+}
+
+#[test]
+fn resize_over_longer_backing_file_dirties_no_bitmap() {
+    require_qemu_tools();
+    // QEMU's zeroing of the new area is part of the truncate, not a guest write: a
+    // persistent bitmap stays clean there (and grows clean), on both sides.
+    let t = twins(
+        "i154-grow-bitmap",
+        "cluster_size=4096",
+        512 * K + 1536,
+        Some(("qcow2", "", 2 << 20)),
+    );
+    t.base(&["write -q -P 0x5a 0 2M"]);
+    for p in [&t.q, &t.o] {
+        qemu_img(&["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+    }
+    t.run(&[Op::Write(100 * K, 4 * K, 0x11)]);
+    t.resize(3 << 20);
+    assert_identical(&t.q, &t.o);
+    assert_check_clean(&t.o);
+    let (mq, mo) = (
+        support::bitmaps::qemu_dirty_map(&t.q, "b0"),
+        support::bitmaps::qemu_dirty_map(&t.o, "b0"),
+    );
+    assert_eq!(mo, mq, "dirty maps after the resize (ours, qemu's)");
+    assert!(
+        mq.iter().all(|&(o, l, d)| !d || o + l <= 512 * K),
+        "QEMU dirtied the grown area: {mq:?}"
+    );
 }

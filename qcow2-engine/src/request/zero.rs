@@ -200,6 +200,51 @@ impl Image {
         Ok(bytes)
     }
 
+    /// A resize's new area `[start, size)` over a longer backing file, under the lock
+    /// (QEMU's truncate with `BDRV_REQ_ZERO_WRITE`: `qcow2_subcluster_zeroize` without
+    /// may-unmap, before the new size is visible): a partial first cluster marks its
+    /// subclusters zero, whole clusters become zero clusters, the last one counting as
+    /// whole. Announces nothing (the resize did; no bitmap is dirtied). Returns the plans
+    /// to run once the lock is released (begun: their clusters claimed if they have I/O;
+    /// they must run even when the result is an error).
+    pub(crate) fn zero_grown_locked(
+        &self,
+        st: &mut State,
+        start: u64,
+        size: u64,
+    ) -> (Vec<Plan>, Result<()>) {
+        let geo = self.geo;
+        let mut plans = Vec::new();
+        if start >= size {
+            return (plans, Ok(()));
+        }
+        let mut pos = start;
+        if start % geo.cluster_size() != 0 {
+            let head_end = geo.align_up(start).min(size);
+            match self.subclusters_locked(st, start, head_end) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    let e = "Failed to zero out new clusters: the last cluster is compressed";
+                    return (plans, Err(Error::Unsupported(e.into())));
+                }
+                Err(e) => return (plans, Err(e)),
+            }
+            pos = head_end;
+        }
+        let stop = geo.align_up(size);
+        let req = Request::Zero { may_unmap: false };
+        while pos < stop {
+            let (plan, next, r) = self.plan_clusters(st, pos, stop, req);
+            self.begin(st, &plan);
+            plans.push(plan);
+            if r.is_err() {
+                return (plans, r);
+            }
+            pos = next;
+        }
+        (plans, Ok(()))
+    }
+
     /// Whole clusters `[start, stop)`, batch by batch.
     fn clusters(&self, start: u64, stop: u64, req: Request) -> Result<()> {
         let kind = match req {
