@@ -41,8 +41,8 @@
 //! - 271 "corrupted L2 entries" (check side: zero bit, both bits, allocated bit on an
 //!   unallocated cluster, compressed with a bitmap) -> `ext_l2_*`
 //!
-//! Not covered here, with what they need: 060's overlap-while-COW-in-flight (blkdebug,
-//! aio_write), its shrinking resizes (`qemu-img resize --shrink`; the check parts are
+//! Not covered here, with what they need: 060's overlap-while-COW-in-flight (in
+//! `diff_iotests_inflight.rs`), its shrinking resizes (`qemu-img resize --shrink`; the check parts are
 //! covered), amend to compat=0.10 (`amend`), the QMP cases (qemu-system); 108's reftable
 //! placed in a prepared hole of a 9 MiB image (covered by the placement rule, not by that
 //! exact layout) and its block-device case (a non-growable export or loop device);
