@@ -129,12 +129,10 @@ impl IoBuf {
 
     /// The parts covering `[at, at + len)`, as raw segments.
     pub(crate) fn range_segs(&self, at: usize, len: usize) -> Vec<Seg> {
-        let segs = self.segs();
-        clip(segs.iter().map(|s| s.len), at, len)
-            .into_iter()
-            .map(|(i, r)| Seg {
-                // In bounds of the segment: `r.start < segs[i].len`.
-                ptr: segs[i].ptr.wrapping_add(r.start),
+        clip(self.segs(), |s| s.len, at, len)
+            .map(|(s, r)| Seg {
+                // In bounds of the segment: `r.start < s.len`.
+                ptr: s.ptr.wrapping_add(r.start),
                 len: r.len(),
             })
             .collect()
@@ -173,33 +171,16 @@ impl IoBuf {
 
     /// `[at, at + len)` as slices, part by part.
     pub fn range(&self, at: usize, len: usize) -> Vec<&[u8]> {
-        let parts = self.slices();
-        clip(parts.iter().map(|s| s.len()), at, len)
-            .into_iter()
-            .map(|(i, r)| {
-                let part: &[u8] = parts[i];
-                &part[r]
-            })
+        clip(self.slices(), |s| s.len(), at, len)
+            .map(|(s, r)| &s[r])
             .collect()
     }
 
     /// `[at, at + len)` as writable slices, part by part.
     pub fn range_mut(&mut self, at: usize, len: usize) -> Vec<&mut [u8]> {
-        let mut parts = self.slices_mut();
-        let mut clipped = clip(parts.iter().map(|s| s.len()), at, len).into_iter();
-        let mut out = Vec::new();
-        // `clip` yields ascending part indices: take each part it names, once.
-        let mut next = clipped.next();
-        for (i, part) in parts.drain(..).enumerate() {
-            match next.take() {
-                Some((j, r)) if j == i => {
-                    out.push(&mut part[r]);
-                    next = clipped.next();
-                }
-                other => next = other,
-            }
-        }
-        out
+        clip(self.slices_mut(), |s| s.len(), at, len)
+            .map(|(s, r)| &mut s[r])
+            .collect()
     }
 
     /// Zero `[at, at + len)` through raw pointers, while other disjoint parts of the
@@ -256,28 +237,26 @@ impl IoBuf {
     }
 }
 
-/// The one walk over a buffer's parts: for each part (given by its length, in order)
-/// overlapping `[at, at + len)`, its index and the overlapping range within it.
-fn clip(
-    lens: impl IntoIterator<Item = usize>,
+/// The one walk over a buffer's parts: each part (in order, `len_of` giving its length)
+/// overlapping `[at, at + len)`, with the overlapping range within it (lazily: a read's
+/// hot path allocates nothing for it).
+fn clip<T>(
+    parts: impl IntoIterator<Item = T>,
+    len_of: impl Fn(&T) -> usize,
     at: usize,
     len: usize,
-) -> Vec<(usize, std::ops::Range<usize>)> {
+) -> impl Iterator<Item = (T, std::ops::Range<usize>)> {
     let end = at + len;
-    let mut out = Vec::new();
-    let mut pos = 0usize;
-    for (i, n) in lens.into_iter().enumerate() {
-        let (a, b) = (pos, pos + n);
-        pos = b;
-        if a >= end {
-            break;
-        }
-        if b <= at {
-            continue;
-        }
-        out.push((i, at.max(a) - a..end.min(b) - a));
-    }
-    out
+    parts
+        .into_iter()
+        .scan(0usize, move |pos, part| {
+            let a = *pos;
+            *pos += len_of(&part);
+            Some((part, a, *pos))
+        })
+        .take_while(move |&(_, a, _)| a < end)
+        .filter(move |&(_, _, b)| b > at)
+        .map(move |(part, a, b)| (part, at.max(a) - a..end.min(b) - a))
 }
 
 #[cfg(test)]
