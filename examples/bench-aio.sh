@@ -27,6 +27,7 @@ ACOUNT=$((${SIZE_GB:-1} * 16384 - 1))
 work=${1:-$(mktemp -d "${TMPDIR:-/tmp}/qcowprov-aio.XXXXXX")}
 mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
+. "$here/bench-lib.sh"
 for t in qemu-img qemu-io fio; do
     command -v $t >/dev/null || { echo "bench-aio: $t is required" >&2; exit 1; }
 done
@@ -35,7 +36,7 @@ done
 run() {
     local out t cpu
     out=$(/usr/bin/time -f 'CPU %U %S' "$@" 2>&1)
-    t=$(echo "$out" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p')
+    t=$(echo "$out" | secs)
     cpu=$(echo "$out" | awk '/^CPU/ {print $2 + $3}')
     [ -n "$t" ] || { echo "no timing from: $* ($out)" >&2; exit 1; }
     awk -v n="${N:-$COUNT}" -v t="$t" -v c="$cpu" 'BEGIN{printf "%.0f %.2f", n / t, c * 1e6 / n}'
@@ -47,10 +48,7 @@ row() { # label ours theirs (IOPS first fields)
 }
 
 echo "images in $work, $COUNT requests per case, one run"
-qemu-img create -q -f qcow2 "$work/full.qcow2" "$SIZE"
-qemu-io -c "write -q -P 0x5a 0 $SIZE" "$work/full.qcow2"
-qemu-img convert -O raw "$work/full.qcow2" "$work/full.raw"
-qemu-img create -q -f qcow2 "$work/empty-template.qcow2" "$SIZE"
+make_images "$SIZE"
 # sync: O_DIRECT runs right after a copy would pay for its dirty page cache.
 fresh() { cp "$work/empty-template.qcow2" "$work/empty.qcow2"; sync; }
 sync
