@@ -156,7 +156,7 @@ pub(crate) fn run(q: Arc<QShared>, backend: Box<dyn AioBackend>) {
     ex.main_loop();
     ex.io_jobs.shutdown();
     ex.claim_jobs.shutdown();
-    ex.q.exited.store(true, Ordering::Release);
+    ex.q.mark_exited();
 }
 
 impl Exec {
