@@ -56,7 +56,7 @@ impl Image {
         let geo = self.geo;
         let m = &mut st.meta;
         let need = geo.l1_entries_for(new_size) as usize;
-        if need > m.mapping.l1().len() {
+        let synced = if need > m.mapping.l1().len() {
             let cs = geo.cluster_size();
             let clusters = geo.clusters_for(need as u64 * 8);
             let new_off = m.alloc_contiguous(clusters)?;
@@ -69,7 +69,7 @@ impl Image {
             raw.resize((clusters * cs) as usize, 0);
             let old_off = m.header.get().l1_table_offset;
             let old_entries = m.header.get().l1_size as u64;
-            m.switch_table(
+            let synced = m.switch_table(
                 NewTable {
                     kind: MetaKind::ActiveL1,
                     off: new_off,
@@ -82,16 +82,18 @@ impl Image {
                     h.size = new_size;
                 },
             )?;
+            // The header names the new table and size: finish even if the sync failed.
             m.mapping.replace_l1(table);
             m.regions.remove(old_off);
             if old_entries > 0 {
                 let on_free = m.metadata_on_free;
                 m.free_clusters(old_off, geo.clusters_for(old_entries * 8), on_free)?;
             }
+            synced
         } else {
             m.update_header(|h| h.size = new_size)?;
-            m.sync()?;
-        }
+            m.sync()
+        };
         m.alloc.set_slack(crate::lifecycle::open::growth_slack(
             &geo,
             new_size,
@@ -99,6 +101,6 @@ impl Image {
         ));
         self.size
             .store(new_size, std::sync::atomic::Ordering::Release);
-        Ok(())
+        synced
     }
 }
