@@ -592,8 +592,22 @@ fn sample(all: Vec<Case>, budget: usize, salt: usize) -> Vec<Case> {
     if std::env::var_os("QCOWPROV_AIO_FAULTS_ALL").is_some() || all.len() <= budget {
         return all;
     }
-    let step = all.len().div_ceil(budget);
-    all.into_iter().skip(salt % step).step_by(step).collect()
+    // Every failing flush runs (they are few, and barriers are where tables switch: a
+    // failed sync after the header named a new refcount table once corrupted the image);
+    // the other positions are spread evenly over the rest of the budget.
+    let (mut keep, rest): (Vec<Case>, Vec<Case>) = all.into_iter().partition(|c| {
+        matches!(
+            c.0,
+            Fault::FailNth {
+                op: OpKind::Flush,
+                ..
+            }
+        )
+    });
+    let budget = budget.saturating_sub(keep.len()).max(1);
+    let step = rest.len().div_ceil(budget).max(1);
+    keep.extend(rest.into_iter().skip(salt % step).step_by(step));
+    keep
 }
 
 /// Totals of sweeps: (positions listed, runs, runs in which a request failed, failures).
