@@ -27,7 +27,7 @@ work=${1:-$(mktemp -d "${TMPDIR:-/tmp}/qcowprov-bmbench.XXXXXX")}
 mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 
-secs() { sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'; }
+. "$here/bench-lib.sh"
 
 # run IMAGE DEPTH: one timed bench run (seconds).
 run() {
@@ -36,8 +36,6 @@ run() {
     [ -n "$t" ] || { echo "no timing from the bench on $1" >&2; exit 1; }
     echo "$t"
 }
-
-min() { if [ -z "$1" ] || awk "BEGIN{exit !($2 < $1)}"; then echo "$2"; else echo "$1"; fi; }
 
 base=$work/base.qcow2
 qemu-img create -q -f qcow2 -o preallocation=metadata "$base" "$SIZE"

@@ -59,21 +59,22 @@ stop() {
     pid=""
 }
 
-secs() { sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'; }
+. "$here/bench-lib.sh"
 
+# served KIND OPTIONS BENCH_ARGS...: one qemu-img bench run against a server of KIND on
+# $work/img (its output; the server lives only for the run).
+served() {
+    local kind=$1 opts=$2
+    shift 2
+    serve "$kind" "$work/img" "$opts"
+    qemu-img bench -f raw "$@" "$uri"
+    stop
+}
 # bench_one KIND IMAGE_CMD OPTIONS BENCH_ARGS...: best of REPS; IMAGE_CMD prepares $work/img
 bench_one() {
-    local kind=$1 prep=$2 opts=$3 b="" t
+    local kind=$1 prep=$2 opts=$3
     shift 3
-    for _ in $(seq "$REPS"); do
-        eval "$prep"
-        serve "$kind" "$work/img" "$opts"
-        t=$(qemu-img bench -f raw "$@" "$uri" | secs)
-        stop
-        [ -z "$t" ] && { echo "no timing from qemu-img bench $*" >&2; exit 1; }
-        if [ -z "$b" ] || awk "BEGIN{exit !($t < $b)}"; then b=$t; fi
-    done
-    echo "$b"
+    best "$prep" served "$kind" "$opts" "$@"
 }
 
 row() { # label ours qemu
@@ -81,12 +82,9 @@ row() { # label ours qemu
 }
 
 echo "images in $work, $COUNT requests per bench case, best of $REPS"
-qemu-img create -q -f qcow2 "$work/full.qcow2" "$SIZE"
-qemu-io -c "write -q -P 0x5a 0 $SIZE" "$work/full.qcow2"
-qemu-img convert -O raw "$work/full.qcow2" "$work/full.raw"
-qemu-img create -q -f qcow2 "$work/empty.qcow2" "$SIZE"
+make_images "$SIZE"
 full='cp "$work/full.qcow2" "$work/img"'
-fresh='cp "$work/empty.qcow2" "$work/img"'
+fresh='cp "$work/empty-template.qcow2" "$work/img"'
 raw='cp "$work/full.raw" "$work/img"'
 n=$((16384 * ${SIZE_GB:-1}))
 

@@ -25,32 +25,14 @@ work=${1:-$(mktemp -d "${TMPDIR:-/tmp}/qcowprov-bench.XXXXXX")}
 mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 
-# "Run completed in X seconds." -> X
-secs() { sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'; }
-
-# Best of REPS runs of a bench command (prints seconds). $1: prepare command or "", rest: cmd
-best() {
-    local prep=$1; shift
-    local b=""
-    for _ in $(seq "$REPS"); do
-        [ -n "$prep" ] && eval "$prep"
-        local t
-        t=$("$@" | secs)
-        [ -z "$t" ] && { echo "no timing from: $*" >&2; exit 1; }
-        if [ -z "$b" ] || awk "BEGIN{exit !($t < $b)}"; then b=$t; fi
-    done
-    echo "$b"
-}
+. "$here/bench-lib.sh"
 
 row() { # label ours qemu
     awk -v l="$1" -v a="$2" -v b="$3" 'BEGIN{printf "%-52s %9.3f %9.3f %7.2f\n", l, a, b, a/b}'
 }
 
 echo "images in $work, $COUNT requests per case, best of $REPS"
-qemu-img create -q -f qcow2 "$work/full.qcow2" "$SIZE"
-qemu-io -c "write -q -P 0x5a 0 $SIZE" "$work/full.qcow2"
-qemu-img convert -O raw "$work/full.qcow2" "$work/full.raw"
-qemu-img create -q -f qcow2 "$work/empty-template.qcow2" "$SIZE"
+make_images "$SIZE"
 fresh='cp "$work/empty-template.qcow2" "$work/empty.qcow2"'
 copy='cp "$work/full.qcow2" "$work/over.qcow2"'
 

@@ -59,6 +59,15 @@ static void usage(FILE *f)
 
 enum { OUT_HUMAN, OUT_JSON };
 
+/* -f FORMAT: qcow2 is the only format this tool reads and writes. */
+static int qcow2_only(const char *format)
+{
+    if (strcmp(format, "qcow2") == 0)
+        return 0;
+    fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, format);
+    return -1;
+}
+
 static int parse_output(const char *v, int *fmt)
 {
     if (strcmp(v, "human") == 0) {
@@ -266,10 +275,8 @@ static int cmd_create(int argc, char **argv)
         switch (c) {
         case 'q': quiet = 1; break;
         case 'f':
-            if (strcmp(optarg, "qcow2") != 0) {
-                fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, optarg);
+            if (qcow2_only(optarg) < 0)
                 return 1;
-            }
             break;
         case 'o': opts = optarg; break;
         case 'b': backing = optarg; break;
@@ -604,10 +611,8 @@ static int cmd_check(int argc, char **argv)
         case 'q': quiet = 1; break;
         case 'U': share_flag = QCOWPROV_OPEN_FORCE_SHARE; break;
         case 'f':
-            if (strcmp(optarg, "qcow2") != 0) {
-                fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, optarg);
+            if (qcow2_only(optarg) < 0)
                 return 1;
-            }
             break;
         case 'r':
             if (strcmp(optarg, "leaks") == 0) {
@@ -782,10 +787,8 @@ static int cmd_map(int argc, char **argv)
         switch (c) {
         case 'U': share_flag = QCOWPROV_OPEN_FORCE_SHARE; break;
         case 'f':
-            if (strcmp(optarg, "qcow2") != 0) {
-                fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, optarg);
+            if (qcow2_only(optarg) < 0)
                 return 1;
-            }
             break;
         case 'O':
             if (parse_output(optarg, &fmt) < 0)
@@ -924,10 +927,8 @@ static int cmd_bitmap(int argc, char **argv)
         case 'b': src_file = optarg; break;
         case 'F': src_fmt = optarg; break;
         case 'f':
-            if (strcmp(optarg, "qcow2") != 0) {
-                fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, optarg);
+            if (qcow2_only(optarg) < 0)
                 goto out;
-            }
             break;
         case 'h': usage(stdout); ret = 0; goto out;
         case ':':
@@ -955,10 +956,8 @@ static int cmd_bitmap(int argc, char **argv)
         fprintf(stderr, "%s: Merge bitmap source file only supported with --merge\n", prog);
         goto out;
     }
-    if (src_fmt && strcmp(src_fmt, "qcow2") != 0) {
-        fprintf(stderr, "%s: only the qcow2 format is supported, not '%s'\n", prog, src_fmt);
+    if (src_fmt && qcow2_only(src_fmt) < 0)
         goto out;
-    }
     if (optind != argc - 2) {
         fprintf(stderr, "%s: Expecting filename and bitmap name\n", prog);
         goto out;

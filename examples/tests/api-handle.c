@@ -21,58 +21,9 @@
 
 #include "common.h"
 
-static int checks, failures;
+#include "expect.h"
 
-#define EXPECT(cond, ...)                                                            \
-    do {                                                                             \
-        checks++;                                                                    \
-        if (!(cond)) {                                                               \
-            failures++;                                                              \
-            printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                  \
-            printf(__VA_ARGS__);                                                     \
-            printf(" (last error: \"%s\")\n", qcowprov_last_error());               \
-        }                                                                            \
-    } while (0)
-
-/* A call that must fail with `code`, leaving a message that contains `text`. */
-#define EXPECT_ERR(call, code, text)                                                 \
-    do {                                                                             \
-        int64_t r_ = (call);                                                         \
-        checks++;                                                                    \
-        if (r_ != (code)) {                                                          \
-            failures++;                                                              \
-            printf("FAIL %s:%d: %s returned %" PRId64 " (%s), expected %d (%s): %s\n", \
-                   __FILE__, __LINE__, #call, r_, qcowprov_strerror((int)r_), (code), \
-                   qcowprov_strerror(code), qcowprov_last_error());                  \
-        } else if (strstr(qcowprov_last_error(), (text)) == NULL) {                 \
-            failures++;                                                              \
-            printf("FAIL %s:%d: %s: message \"%s\" lacks \"%s\"\n", __FILE__, __LINE__, \
-                   #call, qcowprov_last_error(), (text));                            \
-        }                                                                            \
-    } while (0)
-
-#define EXPECT_OK(call)                                                              \
-    do {                                                                             \
-        int64_t r_ = (call);                                                         \
-        checks++;                                                                    \
-        if (r_ < 0) {                                                                \
-            failures++;                                                              \
-            printf("FAIL %s:%d: %s returned %" PRId64 ": %s\n", __FILE__, __LINE__,  \
-                   #call, r_, qcowprov_last_error());                                \
-        }                                                                            \
-    } while (0)
-
-static char dir[4096];
-
-static const char *path(const char *name)
-{
-    static char buf[4][4200];
-    static int k;
-    char *p = buf[k++ % 4];
-
-    snprintf(p, sizeof buf[0], "%s/%s", dir, name);
-    return p;
-}
+#define EXPECT_ERR(call, code, text) EXPECT_ERR_TEXT(call, code, text)
 
 static uint64_t file_size(const char *p)
 {
@@ -371,6 +322,5 @@ int main(int argc, char **argv)
     test_options();
     test_highest_offset();
     test_messages();
-    printf("api-handle: %d checks, %d failed\n", checks, failures);
-    return failures ? 1 : 0;
+    return summary("api-handle");
 }

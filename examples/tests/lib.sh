@@ -53,6 +53,37 @@ skip() {
     SKIPS=$((SKIPS + 1))
 }
 
+# twins_differ DIR A B LABEL_A LABEL_B [GREP_ARGS...]: append to DIR/why every way twin
+# images A (the oracle's) and B (ours) and their runs' stdout (DIR/qemu.out, DIR/ours.out)
+# differ: stdout without timing and error lines (and lines GREP_ARGS match), content
+# (qemu-img compare), B's qemu-img check, and qemu-img map of both, normalized.
+twins_differ() {
+    local d=$1 a=$2 b=$3 la=$4 lb=$5 f
+    shift 5
+    for f in qemu ours; do
+        grep -v -e ' ops; ' -e ' failed: ' "$@" "$d/$f.out" > "$d/$f.f"
+    done
+    if ! cmp -s "$d/qemu.f" "$d/ours.f"; then
+        echo "stdout differs (< $la, > $lb):" >> "$d/why"
+        diff "$d/qemu.f" "$d/ours.f" | head -20 >> "$d/why"
+    fi
+    if ! qemu-img compare "$a" "$b" > "$d/compare.out" 2>&1; then
+        echo "qemu-img compare: $(cat "$d/compare.out")" >> "$d/why"
+    fi
+    if ! qemu-img check "$b" > "$d/check.out" 2>&1; then
+        echo "qemu-img check of ours is not clean:" >> "$d/why"
+        cat "$d/check.out" >> "$d/why"
+    fi
+    qemu-img map --output=json "$a" > "$d/mapA.json" 2>> "$d/why"
+    qemu-img map --output=json "$b" > "$d/mapB.json" 2>> "$d/why"
+    $MAPNORM "$d/mapA.json" > "$d/mapA.norm" 2>> "$d/why"
+    $MAPNORM "$d/mapB.json" > "$d/mapB.norm" 2>> "$d/why"
+    if ! cmp -s "$d/mapA.norm" "$d/mapB.norm"; then
+        echo "qemu-img map (normalized) differs (< $la's image, > $lb's):" >> "$d/why"
+        diff "$d/mapA.norm" "$d/mapB.norm" | head -20 >> "$d/why"
+    fi
+}
+
 # counts_from FILE: add a C test program's "NAME: N checks, M failed" line to the counts.
 counts_from() {
     line=$(grep -E '^[a-z-]+: [0-9]+ checks, [0-9]+ failed$' "$1" | tail -1)

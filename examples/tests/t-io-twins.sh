@@ -58,29 +58,8 @@ twin() {
     [ "$orc" -eq "$qrc" ] || echo "exit status: qemu-io $qrc, qcowprov-io $orc" >> "$d/why"
     # qemu-io prints timing lines (optional for qcowprov-io) and prints I/O and
     # argument errors on stdout (qcowprov-io prints them on stderr).
-    for f in qemu ours; do
-        grep -v -e ' ops; ' -e ' failed: ' -e 'can be specified at the same time' -e 'requires -z' \
-            "$d/$f.out" > "$d/$f.f"
-    done
-    if ! cmp -s "$d/qemu.f" "$d/ours.f"; then
-        echo "stdout differs (< qemu-io, > qcowprov-io):" >> "$d/why"
-        diff "$d/qemu.f" "$d/ours.f" | head -20 >> "$d/why"
-    fi
-    if ! qemu-img compare "$A" "$B" > "$d/compare.out" 2>&1; then
-        echo "qemu-img compare: $(cat "$d/compare.out")" >> "$d/why"
-    fi
-    if ! qemu-img check "$B" > "$d/check.out" 2>&1; then
-        echo "qemu-img check of ours is not clean:" >> "$d/why"
-        cat "$d/check.out" >> "$d/why"
-    fi
-    qemu-img map --output=json "$A" > "$d/mapA.json" 2>> "$d/why"
-    qemu-img map --output=json "$B" > "$d/mapB.json" 2>> "$d/why"
-    $MAPNORM "$d/mapA.json" > "$d/mapA.norm" 2>> "$d/why"
-    $MAPNORM "$d/mapB.json" > "$d/mapB.norm" 2>> "$d/why"
-    if ! cmp -s "$d/mapA.norm" "$d/mapB.norm"; then
-        echo "qemu-img map (normalized) differs (< qemu's image, > ours):" >> "$d/why"
-        diff "$d/mapA.norm" "$d/mapB.norm" | head -20 >> "$d/why"
-    fi
+    twins_differ "$d" "$A" "$B" qemu-io qcowprov-io \
+        -e 'can be specified at the same time' -e 'requires -z'
     "$IMG" map --output=json "$B" > "$d/ourmapB.json" 2>> "$d/why"
     if ! cmp -s "$d/mapB.json" "$d/ourmapB.json"; then
         echo "qcowprov-img map differs from qemu-img map on our image (< qemu-img, > qcowprov-img):" >> "$d/why"

@@ -88,28 +88,7 @@ twin() {
 
     [ "$qrc" -eq "$EXPECT_RC" ] || echo "qemu-io exited $qrc, the scenario expects $EXPECT_RC" >> "$d/why"
     [ "$orc" -eq "$qrc" ] || echo "exit status: qemu-io on qcow2 $qrc, qemu-io over the plugin $orc" >> "$d/why"
-    for f in qemu ours; do
-        grep -v -e ' ops; ' -e ' failed: ' "$d/$f.out" > "$d/$f.f"
-    done
-    if ! cmp -s "$d/qemu.f" "$d/ours.f"; then
-        echo "stdout differs (< qcow2 driver, > over NBD):" >> "$d/why"
-        diff "$d/qemu.f" "$d/ours.f" | head -20 >> "$d/why"
-    fi
-    if ! qemu-img compare "$A" "$B" > "$d/compare.out" 2>&1; then
-        echo "qemu-img compare: $(cat "$d/compare.out")" >> "$d/why"
-    fi
-    if ! qemu-img check "$B" > "$d/check.out" 2>&1; then
-        echo "qemu-img check of ours is not clean:" >> "$d/why"
-        cat "$d/check.out" >> "$d/why"
-    fi
-    qemu-img map --output=json "$A" > "$d/mapA.json" 2>> "$d/why"
-    qemu-img map --output=json "$B" > "$d/mapB.json" 2>> "$d/why"
-    $MAPNORM "$d/mapA.json" > "$d/mapA.norm" 2>> "$d/why"
-    $MAPNORM "$d/mapB.json" > "$d/mapB.norm" 2>> "$d/why"
-    if ! cmp -s "$d/mapA.norm" "$d/mapB.norm"; then
-        echo "qemu-img map (normalized) differs (< qcow2 driver's image, > the plugin's):" >> "$d/why"
-        diff "$d/mapA.norm" "$d/mapB.norm" | head -20 >> "$d/why"
-    fi
+    twins_differ "$d" "$A" "$B" "the qcow2 driver" "the plugin"
     nbdmaps "$d" "$B"
     if [ -s "$d/why" ]; then
         fail "$name  [$d]" "$d/why" "$d/qemu.err" "$d/ours.err"

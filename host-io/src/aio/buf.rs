@@ -129,24 +129,13 @@ impl IoBuf {
 
     /// The parts covering `[at, at + len)`, as raw segments.
     pub(crate) fn range_segs(&self, at: usize, len: usize) -> Vec<Seg> {
-        let mut out = Vec::new();
-        let mut pos = 0usize;
-        let end = at + len;
-        for s in self.segs() {
-            let (a, b) = (pos, pos + s.len);
-            pos = b;
-            if b <= at || a >= end {
-                continue;
-            }
-            let from = at.max(a);
-            let to = end.min(b);
-            out.push(Seg {
-                // In bounds of the segment: `from - a < s.len`.
-                ptr: s.ptr.wrapping_add(from - a),
-                len: to - from,
-            });
-        }
-        out
+        clip(self.segs(), |s| s.len, at, len)
+            .map(|(s, r)| Seg {
+                // In bounds of the segment: `r.start < s.len`.
+                ptr: s.ptr.wrapping_add(r.start),
+                len: r.len(),
+            })
+            .collect()
     }
 
     /// The bytes, part by part.
@@ -182,34 +171,16 @@ impl IoBuf {
 
     /// `[at, at + len)` as slices, part by part.
     pub fn range(&self, at: usize, len: usize) -> Vec<&[u8]> {
-        let mut out = Vec::new();
-        let mut pos = 0usize;
-        let end = at + len;
-        for s in self.slices() {
-            let (a, b) = (pos, pos + s.len());
-            pos = b;
-            if b <= at || a >= end {
-                continue;
-            }
-            out.push(&s[at.max(a) - a..end.min(b) - a]);
-        }
-        out
+        clip(self.slices(), |s| s.len(), at, len)
+            .map(|(s, r)| &s[r])
+            .collect()
     }
 
     /// `[at, at + len)` as writable slices, part by part.
     pub fn range_mut(&mut self, at: usize, len: usize) -> Vec<&mut [u8]> {
-        let mut out = Vec::new();
-        let mut pos = 0usize;
-        let end = at + len;
-        for s in self.slices_mut() {
-            let (a, b) = (pos, pos + s.len());
-            pos = b;
-            if b <= at || a >= end {
-                continue;
-            }
-            out.push(&mut s[at.max(a) - a..end.min(b) - a]);
-        }
-        out
+        clip(self.slices_mut(), |s| s.len(), at, len)
+            .map(|(s, r)| &mut s[r])
+            .collect()
     }
 
     /// Zero `[at, at + len)` through raw pointers, while other disjoint parts of the
@@ -228,20 +199,9 @@ impl IoBuf {
     /// Copy `[at, at + dst.len())` out into `dst`.
     pub fn read_into(&self, at: usize, dst: &mut [u8]) {
         let mut done = 0usize;
-        let mut pos = 0usize;
-        for s in self.slices() {
-            let (a, b) = (pos, pos + s.len());
-            pos = b;
-            let want = at + done;
-            if done == dst.len() {
-                break;
-            }
-            if b <= want {
-                continue;
-            }
-            let n = (b - want).min(dst.len() - done);
-            dst[done..done + n].copy_from_slice(&s[want - a..want - a + n]);
-            done += n;
+        for s in self.range(at, dst.len()) {
+            dst[done..done + s.len()].copy_from_slice(s);
+            done += s.len();
         }
         assert_eq!(done, dst.len(), "IoBuf::read_into past the end");
     }
@@ -249,19 +209,9 @@ impl IoBuf {
     /// Copy `src` into `[at, at + src.len())`.
     pub fn write_from(&mut self, at: usize, src: &[u8]) {
         let mut done = 0usize;
-        let mut pos = 0usize;
-        for s in self.slices_mut() {
-            let (a, b) = (pos, pos + s.len());
-            pos = b;
-            let want = at + done;
-            if done == src.len() {
-                break;
-            }
-            if b <= want {
-                continue;
-            }
-            let n = (b - want).min(src.len() - done);
-            s[want - a..want - a + n].copy_from_slice(&src[done..done + n]);
+        for s in self.range_mut(at, src.len()) {
+            let n = s.len();
+            s.copy_from_slice(&src[done..done + n]);
             done += n;
         }
         assert_eq!(done, src.len(), "IoBuf::write_from past the end");
@@ -269,15 +219,8 @@ impl IoBuf {
 
     /// Zero `[at, at + len)`.
     pub fn zero(&mut self, at: usize, len: usize) {
-        let mut pos = 0usize;
-        let end = at + len;
-        for s in self.slices_mut() {
-            let (a, b) = (pos, pos + s.len());
-            pos = b;
-            if b <= at || a >= end {
-                continue;
-            }
-            s[at.max(a) - a..end.min(b) - a].fill(0);
+        for s in self.range_mut(at, len) {
+            s.fill(0);
         }
     }
 
@@ -292,6 +235,28 @@ impl IoBuf {
         self.read_into(0, &mut v);
         v
     }
+}
+
+/// The one walk over a buffer's parts: each part (in order, `len_of` giving its length)
+/// overlapping `[at, at + len)`, with the overlapping range within it (lazily: a read's
+/// hot path allocates nothing for it).
+fn clip<T>(
+    parts: impl IntoIterator<Item = T>,
+    len_of: impl Fn(&T) -> usize,
+    at: usize,
+    len: usize,
+) -> impl Iterator<Item = (T, std::ops::Range<usize>)> {
+    let end = at + len;
+    parts
+        .into_iter()
+        .scan(0usize, move |pos, part| {
+            let a = *pos;
+            *pos += len_of(&part);
+            Some((part, a, *pos))
+        })
+        .take_while(move |&(_, a, _)| a < end)
+        .filter(move |&(_, _, b)| b > at)
+        .map(move |(part, a, b)| (part, at.max(a) - a..end.min(b) - a))
 }
 
 #[cfg(test)]
@@ -316,6 +281,47 @@ mod tests {
         drop(buf);
         assert_eq!(a, [0, 0, 0, 1, 0]);
         assert_eq!(b[..2], [0, 4]);
+    }
+
+    #[test]
+    fn every_range_of_uneven_parts_matches_a_flat_model() {
+        // Parts of 3, 0, 5, 1 and 7 bytes, the empty one included.
+        let mut mem = [[0u8; 7]; 5];
+        let lens = [3usize, 0, 5, 1, 7];
+        let parts: Vec<(*mut u8, usize)> = mem
+            .iter_mut()
+            .zip(lens)
+            .map(|(m, n)| (m.as_mut_ptr(), n))
+            .collect();
+        // SAFETY: `mem` outlives the buffer and is only touched through it.
+        let mut buf = unsafe { IoBuf::from_iovecs(&parts) };
+        let total: usize = lens.iter().sum();
+        let mut model: Vec<u8> = (1..=total as u8).collect();
+        buf.write_from(0, &model);
+        for at in 0..=total {
+            for len in 0..=total - at {
+                let got: Vec<u8> = buf.range(at, len).concat();
+                assert_eq!(got, model[at..at + len], "range({at}, {len})");
+                let segs: usize = buf.range_segs(at, len).iter().map(|s| s.len).sum();
+                assert_eq!(segs, len, "range_segs({at}, {len})");
+                let mut out = vec![0u8; len];
+                buf.read_into(at, &mut out);
+                assert_eq!(out, model[at..at + len]);
+                // Write a marker, compare, restore.
+                let mark: Vec<u8> = (0..len).map(|i| 200 + i as u8).collect();
+                buf.write_from(at, &mark);
+                let mut want = model.clone();
+                want[at..at + len].copy_from_slice(&mark);
+                assert_eq!(buf.to_vec(), want, "write_from({at}, {len})");
+                buf.zero(at, len);
+                want[at..at + len].fill(0);
+                assert_eq!(buf.to_vec(), want, "zero({at}, {len})");
+                buf.write_from(0, &model);
+            }
+        }
+        model.fill(0);
+        buf.zero(0, total);
+        assert!(buf.is_zero() && buf.to_vec() == model);
     }
 
     #[test]

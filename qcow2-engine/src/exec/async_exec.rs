@@ -24,6 +24,7 @@ use host_io::ZeroMode;
 
 use super::async_jobs::Jobs;
 use super::async_queue::{errno_error, AioCompletion, AioRequest, QShared, ECANCELED};
+use super::host_write::{write_steps, Step};
 use crate::changes::ChangeKind;
 use crate::error::{Error, Result};
 use crate::image::Image;
@@ -36,8 +37,6 @@ use crate::request::read::Src;
 const SUB_PLAIN: u64 = 0;
 /// Sub-tag of an advisory host effect (a failure is counted, as the sync executor does).
 const SUB_ADVISORY: u64 = 0xffff;
-/// Zero runs at least this long and aligned to it are zeroed on the host (as `sync.rs`).
-const ZERO_RANGE_MIN: u64 = 4096;
 
 /// What a helper job hands back.
 enum JobOut {
@@ -74,8 +73,8 @@ struct WriteSt {
     base: usize,
     fua: bool,
     plan: Option<Plan>,
-    /// Copy-on-write runs waiting for their read: (host offset, length).
-    runs: Vec<(u64, usize)>,
+    /// What waits for a first operation of the current plan (see `Then`).
+    then: Vec<Then>,
     detect_checked: bool,
 }
 
@@ -157,7 +156,7 @@ pub(crate) fn run(q: Arc<QShared>, backend: Box<dyn AioBackend>) {
     ex.main_loop();
     ex.io_jobs.shutdown();
     ex.claim_jobs.shutdown();
-    ex.q.exited.store(true, Ordering::Release);
+    ex.q.mark_exited();
 }
 
 impl Exec {
@@ -386,7 +385,7 @@ impl Exec {
                     base: 0,
                     fua,
                     plan: None,
-                    runs: Vec::new(),
+                    then: Vec::new(),
                     detect_checked: false,
                 });
                 self.write_batch(id);
@@ -673,53 +672,58 @@ impl Exec {
         let (buf, base) = (w.buf.clone(), w.base);
         let ios = plan.io.clone();
         let mut ops: Vec<(u64, AioOp)> = Vec::new();
-        let mut runs: Vec<(u64, usize)> = Vec::new();
+        let mut then: Vec<Then> = Vec::new();
         for io in ios {
             match io {
                 HostIo::Write { host, pieces } => {
-                    if let [crate::plan::Piece {
-                        len,
-                        fill: Fill::Guest { at },
-                    }] = pieces[..]
-                    {
-                        let pieces = vec![Piece {
-                            at: base + at,
-                            off: host,
-                            len: len as usize,
-                        }];
-                        ops.push((
-                            SUB_PLAIN,
-                            AioOp::Write {
-                                buf: buf.clone(),
-                                pieces,
-                            },
-                        ));
-                        continue;
-                    }
-                    let mut run: Vec<(u64, crate::plan::Piece)> = Vec::new();
-                    let mut pos = host;
-                    for p in pieces {
-                        let zero_range = cheap_zero
-                            && p.fill == Fill::Zeroes
-                            && p.len >= ZERO_RANGE_MIN
-                            && pos % ZERO_RANGE_MIN == 0
-                            && p.len % ZERO_RANGE_MIN == 0;
-                        if zero_range {
-                            gather(&mut run, &buf, base, align, &mut ops, &mut runs);
-                            ops.push((
+                    let steps = write_steps(host, &pieces, cheap_zero);
+                    let mut these = Vec::new();
+                    for step in &steps.steps {
+                        if let Some((off, at, len)) = step.guest_only(&pieces) {
+                            // Straight from the caller's buffer.
+                            let pieces = vec![Piece {
+                                at: base + at,
+                                off,
+                                len: len as usize,
+                            }];
+                            let buf = buf.clone();
+                            these.push((SUB_PLAIN, AioOp::Write { buf, pieces }));
+                            continue;
+                        }
+                        match step {
+                            Step::Zero { off, len } => these.push((
                                 SUB_PLAIN,
                                 AioOp::WriteZeroes {
-                                    off: pos,
-                                    len: p.len,
+                                    off: *off,
+                                    len: *len,
+                                    mode: ZeroMode::KeepAllocated,
+                                },
+                            )),
+                            Step::Run { off, range } => these.push(gather(
+                                *off,
+                                &pieces[range.clone()],
+                                &buf,
+                                base,
+                                align,
+                                &mut then,
+                            )),
+                        }
+                    }
+                    match steps.first {
+                        // The rest waits for the zeroing (see `on_io`).
+                        Some((off, len)) => {
+                            then.push(Then::Submit(these));
+                            ops.push((
+                                then.len() as u64,
+                                AioOp::WriteZeroes {
+                                    off,
+                                    len,
                                     mode: ZeroMode::KeepAllocated,
                                 },
                             ));
-                        } else {
-                            run.push((pos, p));
                         }
-                        pos += p.len;
+                        None => ops.extend(these),
                     }
-                    gather(&mut run, &buf, base, align, &mut ops, &mut runs);
                 }
                 HostIo::Effect { off, len, effect } => ops.push((
                     SUB_ADVISORY,
@@ -734,7 +738,9 @@ impl Exec {
                 )),
             }
         }
-        self.write_st(id).runs = runs;
+        // A plan covers at most MAX_BATCH clusters: sub-tags stay below SUB_ADVISORY.
+        debug_assert!(then.len() < SUB_ADVISORY as usize);
+        self.write_st(id).then = then;
         for (sub, op) in ops {
             self.submit_op(id, sub, op);
         }
@@ -809,15 +815,28 @@ impl Exec {
             }
             (SUB_PLAIN | SUB_ADVISORY, Ok(())) => {}
             (k, Ok(())) => {
-                // The old data of a copy-on-write run is in: write the run.
-                let (host, len) = self.write_st(id).runs[k as usize - 1];
-                let buf = Arc::new(c.buf.expect("a read hands its buffer back"));
-                let pieces = vec![Piece {
-                    at: 0,
-                    off: host,
-                    len,
-                }];
-                self.submit_op(id, SUB_PLAIN, AioOp::Write { buf, pieces });
+                // A first step is done: submit what waited for it.
+                let next = std::mem::replace(
+                    &mut self.write_st(id).then[k as usize - 1],
+                    Then::Submit(Vec::new()),
+                );
+                match next {
+                    // The old data of a copy-on-write run is in: write the run.
+                    Then::WriteRead { host, len } => {
+                        let buf = Arc::new(c.buf.expect("a read hands its buffer back"));
+                        let pieces = vec![Piece {
+                            at: 0,
+                            off: host,
+                            len,
+                        }];
+                        self.submit_op(id, SUB_PLAIN, AioOp::Write { buf, pieces });
+                    }
+                    Then::Submit(ops) => {
+                        for (sub, op) in ops {
+                            self.submit_op(id, sub, op);
+                        }
+                    }
+                }
             }
         }
         if self.req(id).pending == 0 {
@@ -863,28 +882,38 @@ impl Exec {
     }
 }
 
-/// Turn a run of pieces into one owned buffer written at the run's host offset: guest
-/// bytes copied in, zeros left, old host data read in first (the run's write then follows
-/// its read, see `on_io`).
+/// What follows a first operation (its sub-tag is its index here plus one).
+enum Then {
+    /// Write the buffer the read handed back at `host` (a copy-on-write run).
+    WriteRead {
+        /// Host byte offset.
+        host: u64,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// Submit these (after a new range was zeroed whole).
+    Submit(Vec<(u64, AioOp)>),
+}
+
+/// Turn a run of pieces into one owned buffer written at host offset `start`: guest bytes
+/// copied in, zeros left, old host data read in first (the write then follows its read,
+/// see `on_io`). Returns the operation to submit.
 fn gather(
-    run: &mut Vec<(u64, crate::plan::Piece)>,
+    start: u64,
+    run: &[crate::plan::Piece],
     guest: &IoBuf,
     base: usize,
     align: usize,
-    ops: &mut Vec<(u64, AioOp)>,
-    runs: &mut Vec<(u64, usize)>,
-) {
-    let Some(&(start, _)) = run.first() else {
-        return;
-    };
-    let len: u64 = run.iter().map(|(_, p)| p.len).sum();
+    then: &mut Vec<Then>,
+) -> (u64, AioOp) {
+    let len: u64 = run.iter().map(|p| p.len).sum();
     let mut buf = match IoBuf::new(len as usize, align) {
         Ok(b) => b,
         Err(_) => IoBuf::new(len as usize, 1).expect("memory for a copy-on-write run"),
     };
     let mut reads = Vec::new();
-    for (pos, p) in run.drain(..) {
-        let at = (pos - start) as usize;
+    let mut at = 0usize;
+    for p in run {
         match p.fill {
             Fill::Guest { at: g } => {
                 let mut o = at;
@@ -904,6 +933,7 @@ fn gather(
             }),
             Fill::Old { .. } => unreachable!("blocking sources run on a helper"),
         }
+        at += p.len as usize;
     }
     if reads.is_empty() {
         let pieces = vec![Piece {
@@ -911,16 +941,14 @@ fn gather(
             off: start,
             len: len as usize,
         }];
-        ops.push((
-            SUB_PLAIN,
-            AioOp::Write {
-                buf: Arc::new(buf),
-                pieces,
-            },
-        ));
+        let buf = Arc::new(buf);
+        (SUB_PLAIN, AioOp::Write { buf, pieces })
     } else {
-        runs.push((start, len as usize));
-        ops.push((runs.len() as u64, AioOp::Read { buf, pieces: reads }));
+        then.push(Then::WriteRead {
+            host: start,
+            len: len as usize,
+        });
+        (then.len() as u64, AioOp::Read { buf, pieces: reads })
     }
 }
 

@@ -224,6 +224,9 @@ pub(crate) struct QShared {
     pub(crate) wake: Mutex<Option<Arc<dyn Notify>>>,
     done: Mutex<VecDeque<AioCompletion>>,
     done_cv: Condvar,
+    /// Threads waiting on `done_cv` (changed under `done`'s lock): a post with nobody
+    /// waiting skips the wake-up, a futex call per batch.
+    done_waiters: AtomicUsize,
     done_fd: EventFd,
     /// Submitted and not yet reaped.
     outstanding: AtomicUsize,
@@ -255,8 +258,41 @@ impl QShared {
         if was_empty {
             self.done_fd.signal();
         }
+        let waiters = self.done_waiters.load(Ordering::Relaxed) > 0;
         drop(q);
+        if waiters {
+            self.done_cv.notify_all();
+        }
+    }
+
+    /// The executor ended: wake every waiter (set under the lock they check it with, so
+    /// none can miss it).
+    pub(crate) fn mark_exited(&self) {
+        {
+            let _q = self.lock_done();
+            self.exited.store(true, Ordering::Release);
+        }
         self.done_cv.notify_all();
+    }
+
+    /// Wait on `done_cv` (at most `timeout`), counted in `done_waiters`.
+    fn wait_done<'a>(
+        &self,
+        q: MutexGuard<'a, VecDeque<AioCompletion>>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, VecDeque<AioCompletion>> {
+        self.done_waiters.fetch_add(1, Ordering::Relaxed);
+        let q = match timeout {
+            None => self.done_cv.wait(q).unwrap_or_else(|e| e.into_inner()),
+            Some(t) => {
+                self.done_cv
+                    .wait_timeout(q, t)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+        };
+        self.done_waiters.fetch_sub(1, Ordering::Relaxed);
+        q
     }
 
     fn wake(&self) {
@@ -305,6 +341,7 @@ impl AioQueue {
             wake: Mutex::new(Some(backend.notifier())),
             done: Mutex::new(VecDeque::new()),
             done_cv: Condvar::new(),
+            done_waiters: AtomicUsize::new(0),
             done_fd: EventFd::new(true).map_err(Error::io("creating the completion eventfd"))?,
             outstanding: AtomicUsize::new(0),
             depth,
@@ -458,21 +495,13 @@ impl AioQueue {
                 return q.len();
             }
             q = match deadline {
-                None => self
-                    .shared
-                    .done_cv
-                    .wait(q)
-                    .unwrap_or_else(|e| e.into_inner()),
+                None => self.shared.wait_done(q, None),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         return q.len();
                     }
-                    self.shared
-                        .done_cv
-                        .wait_timeout(q, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                    self.shared.wait_done(q, Some(d - now))
                 }
             };
         }
@@ -526,9 +555,12 @@ impl AioQueue {
         if let Some(h) = self.exec.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();
         }
-        self.shared.exited.store(true, Ordering::Release);
-        self.cb_stop.store(true, Ordering::Release);
-        self.shared.done_cv.notify_all();
+        {
+            // Under the lock the callback thread checks it with: it cannot miss the wake-up.
+            let _q = self.shared.lock_done();
+            self.cb_stop.store(true, Ordering::Release);
+        }
+        self.shared.mark_exited();
         if let Some((h, _)) = cb.take() {
             let _ = h.join();
         }
@@ -556,7 +588,7 @@ fn dispatch(shared: &QShared, stop: &AtomicBool, cb: &(dyn Fn(AioCompletion) + S
         let batch: Vec<AioCompletion> = {
             let mut q = shared.lock_done();
             while q.is_empty() && !stop.load(Ordering::Acquire) {
-                q = shared.done_cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                q = shared.wait_done(q, None);
             }
             if q.is_empty() {
                 return;

@@ -4,15 +4,12 @@
 
 use crate::error::{Error, Result};
 use crate::exec::compress::decompress_cluster;
+use crate::exec::host_write::{write_steps, Step};
 use crate::image::Image;
 use crate::plan::{Fill, HostIo, Piece, Plan};
 use crate::provision::action::HostEffect;
 use crate::request::read::Src;
 use qcow2_format::CompressedDescriptor;
-
-/// Zero runs at least this long and aligned to it are zeroed on the host rather than
-/// written as zero bytes.
-const ZERO_RANGE_MIN: u64 = 4096;
 
 impl Image {
     /// Run a plan's host I/O. Returns how many advisory host effects failed.
@@ -38,72 +35,43 @@ impl Image {
 
     fn host_write(&self, host: u64, pieces: &[Piece], data: &[u8]) -> Result<()> {
         let io = |h: u64| Error::io_lazy(move || format!("writing data at host offset {h:#x}"));
-        // The common case writes straight from the caller's buffer.
-        if let [Piece {
-            len,
-            fill: Fill::Guest { at },
-        }] = pieces
-        {
-            return self
-                .storage
-                .write_at(&data[*at..*at + *len as usize], host)
-                .map_err(io(host));
-        }
-        // Aligned runs of zeros are zeroed on the host where that is cheap (no dirty page
-        // cache for the next barrier to write out); everything else is gathered and
-        // written in as few requests as possible.
         let cheap_zero = self.storage.capabilities().zero_keep_allocated;
-        // A write holding zeros goes to new clusters (`Fill::Zeroes` is only planned for
-        // them, and nothing reads them): as QEMU, the whole range is zeroed first and the
-        // rest written into it. ext4 then converts small unwritten remainders to written
-        // (its zeroout), so a new cluster ends as few extents instead of zeros, data,
-        // zeros (6,000 random 4 KiB writes, 256 MiB: ~800 extents as qemu-io's, was
-        // ~7,300; examples/extents-vs-qemu.sh).
-        let total: u64 = pieces.iter().map(|p| p.len).sum();
-        let zeroed_first = cheap_zero
-            && pieces.iter().any(|p| p.fill == Fill::Zeroes)
-            && host % ZERO_RANGE_MIN == 0
-            && total % ZERO_RANGE_MIN == 0;
-        if zeroed_first {
+        let steps = write_steps(host, pieces, cheap_zero);
+        if let Some((off, len)) = steps.first {
             self.storage
-                .write_zeroes(host, total, host_io::ZeroMode::KeepAllocated)
-                .map_err(io(host))?;
+                .write_zeroes(off, len, host_io::ZeroMode::KeepAllocated)
+                .map_err(io(off))?;
         }
-        let mut buf: Vec<u8> = Vec::new();
-        let mut buf_at = host;
-        let mut pos = host;
-        for p in pieces {
-            let zero_range = cheap_zero
-                && p.fill == Fill::Zeroes
-                && p.len >= ZERO_RANGE_MIN
-                && pos % ZERO_RANGE_MIN == 0
-                && p.len % ZERO_RANGE_MIN == 0;
-            if zero_range || (zeroed_first && p.fill == Fill::Zeroes) {
-                if !buf.is_empty() {
-                    self.storage.write_at(&buf, buf_at).map_err(io(buf_at))?;
-                    buf.clear();
-                }
-                if !zeroed_first {
-                    self.storage
-                        .write_zeroes(pos, p.len, host_io::ZeroMode::KeepAllocated)
-                        .map_err(io(pos))?;
-                }
-                pos += p.len;
-                buf_at = pos;
+        for step in &steps.steps {
+            if let Some((off, at, len)) = step.guest_only(pieces) {
+                // Straight from the caller's buffer.
+                self.storage
+                    .write_at(&data[at..at + len as usize], off)
+                    .map_err(io(off))?;
                 continue;
             }
-            let start = buf.len();
-            buf.resize(start + p.len as usize, 0);
-            let part = &mut buf[start..];
-            match p.fill {
-                Fill::Guest { at } => part.copy_from_slice(&data[at..at + part.len()]),
-                Fill::Zeroes => {}
-                Fill::Old { guest, src } => self.read_src(src, part, guest)?,
+            match step {
+                Step::Zero { off, len } => self
+                    .storage
+                    .write_zeroes(*off, *len, host_io::ZeroMode::KeepAllocated)
+                    .map(|_| ())
+                    .map_err(io(*off))?,
+                Step::Run { off, range } => {
+                    let run = &pieces[range.clone()];
+                    let mut buf = vec![0u8; run.iter().map(|p| p.len as usize).sum()];
+                    let mut at = 0;
+                    for p in run {
+                        let part = &mut buf[at..at + p.len as usize];
+                        match p.fill {
+                            Fill::Guest { at: g } => part.copy_from_slice(&data[g..g + part.len()]),
+                            Fill::Zeroes => {}
+                            Fill::Old { guest, src } => self.read_src(src, part, guest)?,
+                        }
+                        at += part.len();
+                    }
+                    self.storage.write_at(&buf, *off).map_err(io(*off))?;
+                }
             }
-            pos += p.len;
-        }
-        if !buf.is_empty() {
-            self.storage.write_at(&buf, buf_at).map_err(io(buf_at))?;
         }
         Ok(())
     }

@@ -159,7 +159,7 @@ impl Image {
             _ => None,
         };
         let free_gen = Arc::new(AtomicU64::new(0));
-        let fast = Arc::new(FastMap::default());
+        let fast = Arc::new(FastMap::for_clusters(geo.clusters_for(virtual_size)));
         let policy = opts.discard.resolve(h.version)?;
         let version = h.version;
         let mut header = HeaderState::new(area);

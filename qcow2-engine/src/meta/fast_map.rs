@@ -10,9 +10,12 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use qcow2_format::L2Entry;
 
-/// Slots per image (32 bytes each): 128 KiB, enough for sequential and moderately random
-/// reads to hit; misses take the locked path, which refills.
-const SLOTS: usize = 4096;
+/// Fewest slots per image (32 bytes each: 128 KiB).
+const MIN_SLOTS: usize = 4096;
+/// Most slots per image (2 MiB): a whole 4 GiB image of 64 KiB clusters. Random reads
+/// over more than the map holds miss, and a miss takes the locked path, which refills
+/// (a 1 GiB image read at random through 4,096 slots missed three times in four).
+const MAX_SLOTS: usize = 65536;
 
 #[derive(Default)]
 struct Slot {
@@ -27,19 +30,32 @@ struct Slot {
 /// The cache. One writer at a time (the metadata lock holder); any number of readers.
 pub(crate) struct FastMap {
     slots: Box<[Slot]>,
+    /// Slot count - 1 (a power of two).
+    mask: usize,
 }
 
 impl Default for FastMap {
     fn default() -> Self {
-        FastMap {
-            slots: (0..SLOTS).map(|_| Slot::default()).collect(),
-        }
+        FastMap::for_clusters(0)
     }
 }
 
 impl FastMap {
+    /// A map sized for an image of `clusters` guest clusters (one slot each, between the
+    /// bounds above).
+    pub(crate) fn for_clusters(clusters: u64) -> FastMap {
+        let n = usize::try_from(clusters)
+            .unwrap_or(MAX_SLOTS)
+            .clamp(MIN_SLOTS, MAX_SLOTS)
+            .next_power_of_two();
+        FastMap {
+            slots: (0..n).map(|_| Slot::default()).collect(),
+            mask: n - 1,
+        }
+    }
+
     fn slot(&self, cluster: u64) -> &Slot {
-        &self.slots[(cluster as usize) & (SLOTS - 1)]
+        &self.slots[(cluster as usize) & self.mask]
     }
 
     /// The cached L2 entry of guest cluster index `cluster`, if present.
@@ -73,12 +89,12 @@ impl FastMap {
 
     /// Cache the entry of `cluster` (caller holds the metadata lock).
     pub(crate) fn put(&self, cluster: u64, e: L2Entry) {
-        self.store(cluster.wrapping_add(1), e, (cluster as usize) & (SLOTS - 1));
+        self.store(cluster.wrapping_add(1), e, (cluster as usize) & self.mask);
     }
 
     /// Forget `cluster` (its entry is changing; caller holds the metadata lock).
     pub(crate) fn invalidate(&self, cluster: u64) {
-        let idx = (cluster as usize) & (SLOTS - 1);
+        let idx = (cluster as usize) & self.mask;
         if self.slots[idx].key.load(Ordering::Relaxed) == cluster.wrapping_add(1) {
             self.store(0, L2Entry::UNALLOCATED, idx);
         }
@@ -86,7 +102,7 @@ impl FastMap {
 
     /// Forget everything (an L1 entry changed meaning; caller holds the metadata lock).
     pub(crate) fn clear(&self) {
-        for idx in 0..SLOTS {
+        for idx in 0..self.slots.len() {
             if self.slots[idx].key.load(Ordering::Relaxed) != 0 {
                 self.store(0, L2Entry::UNALLOCATED, idx);
             }
@@ -100,14 +116,27 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
+    fn one_slot_per_cluster_between_the_bounds() {
+        let n = |c| FastMap::for_clusters(c).slots.len();
+        assert_eq!(n(0), MIN_SLOTS);
+        assert_eq!(n(16384), 16384);
+        assert_eq!(n(16385), 32768);
+        assert_eq!(n(u64::MAX), MAX_SLOTS);
+        let f = FastMap::for_clusters(16384);
+        f.put(16383, L2Entry::new(0x8000_0000_0001_0000, 0));
+        assert!(f.get(16383).is_some());
+        assert_eq!(f.get(16383 + 16384), None, "same slot, other cluster");
+    }
+
+    #[test]
     fn put_get_invalidate() {
         let f = FastMap::default();
         assert_eq!(f.get(7), None);
         f.put(7, L2Entry::new(0x8000_0000_0005_0000, 3));
         assert_eq!(f.get(7), Some(L2Entry::new(0x8000_0000_0005_0000, 3)));
         // Same slot, other cluster: a miss, never the wrong entry.
-        assert_eq!(f.get(7 + SLOTS as u64), None);
-        f.invalidate(7 + SLOTS as u64);
+        assert_eq!(f.get(7 + MIN_SLOTS as u64), None);
+        f.invalidate(7 + MIN_SLOTS as u64);
         assert!(f.get(7).is_some());
         f.invalidate(7);
         assert_eq!(f.get(7), None);
@@ -127,7 +156,7 @@ mod tests {
                 let (f, stop, hits) = (f.clone(), stop.clone(), hits.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        for c in [5u64, 5 + SLOTS as u64] {
+                        for c in [5u64, 5 + MIN_SLOTS as u64] {
                             if let Some(e) = f.get(c) {
                                 assert_eq!(e.word, c * 3);
                                 assert_eq!(e.bitmap, !c);
@@ -142,7 +171,7 @@ mod tests {
         // are scheduled on a loaded machine), at least 200,000 writes.
         let mut i = 0u64;
         while i < 200_000 || hits.load(Ordering::Relaxed) < 10_000 {
-            let c = if i % 2 == 0 { 5 } else { 5 + SLOTS as u64 };
+            let c = if i % 2 == 0 { 5 } else { 5 + MIN_SLOTS as u64 };
             f.put(c, L2Entry::new(c * 3, !c));
             if i % 7 == 0 {
                 f.invalidate(c);
