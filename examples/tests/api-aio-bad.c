@@ -32,19 +32,7 @@
 #include <unistd.h>
 
 #include "common.h"
-
-static int checks, failures;
-
-#define EXPECT(cond, ...)                                                            \
-    do {                                                                             \
-        checks++;                                                                    \
-        if (!(cond)) {                                                               \
-            failures++;                                                              \
-            printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                  \
-            printf(__VA_ARGS__);                                                     \
-            printf(" (last error: \"%s\")\n", qcowprov_last_error());               \
-        }                                                                            \
-    } while (0)
+#include "expect.h"
 
 #define EXPECT_RC(call, code)                                                        \
     do {                                                                             \
@@ -54,7 +42,7 @@ static int checks, failures;
 
 #define SIZE (4u << 20)
 
-static char dir[4096], image[4200];
+static char image[4200];
 static const char *aio;
 static unsigned char buf[65536] __attribute__((aligned(4096)));
 
@@ -431,7 +419,7 @@ int main(int argc, char **argv)
         return 2;
     }
     snprintf(dir, sizeof dir, "%s", argv[1]);
-    snprintf(image, sizeof image, "%s/bad.qcow2", dir);
+    snprintf(image, sizeof image, "%s", path("bad.qcow2"));
     aio = argv[2];
     r = qcowprov_create(image, "cluster_size=65536", SIZE);
     EXPECT(r == 0, "create: %d", r);
@@ -447,6 +435,5 @@ int main(int argc, char **argv)
     closed_handle();
     close_unreaped();
     close_while_resubmitting();
-    printf("api-aio-bad: %d checks, %d failed\n", checks, failures);
-    return failures ? 1 : 0;
+    return summary("api-aio-bad");
 }
