@@ -30,7 +30,13 @@
  *    no completion): -EAGAIN when aio-queue-depth requests are submitted and
  *    not reaped, -EINVAL for NULL buffers, ranges past the end or, with
  *    cache.direct=on, buffers/lengths/offsets not aligned to
- *    qcowprov_info.aio_alignment, -EROFS for writes to a read-only image.
+ *    qcowprov_info.aio_alignment, -EROFS for writes to a read-only image,
+ *    -EBADF for a closed handle (also from a completion callback that
+ *    submits while qcowprov_close runs; -ESHUTDOWN if it got past the
+ *    handle check just before). A zero-length request (len 0, no iovecs
+ *    or only empty ones; its buffer must still not be NULL) is queued like
+ *    any other and completes with result 0; its offset may be the virtual
+ *    size. Discard and write-zeroes take any range, even with cache.direct.
  *    Metadata lookups, cache misses and ordering barriers run on the
  *    library's threads, never on the caller's.
  *  - Completion: qcowprov_aio_fd() is readable while completions wait;

@@ -164,7 +164,7 @@ pub(crate) fn rebuild_refcounts(m: &mut Meta, refs: &mut Vec<u32>) -> Result<()>
     bytes.resize((table_clusters * cs) as usize, 0);
     let table_off = table_at * cs;
     m.alloc.extend_end(end);
-    m.switch_table(
+    let synced = m.switch_table(
         NewTable {
             kind: MetaKind::RefcountTable,
             off: table_off,
@@ -176,9 +176,10 @@ pub(crate) fn rebuild_refcounts(m: &mut Meta, refs: &mut Vec<u32>) -> Result<()>
             h.refcount_table_clusters = table_clusters as u32;
         },
     )?;
+    // The header names the new table: use it even if the switch's sync failed.
     let mut entries = offsets;
     entries.resize((table_clusters * cs / 8) as usize, 0);
     m.refcounts.replace_table(entries, true);
     m.alloc.reset_hint();
-    Ok(())
+    synced
 }

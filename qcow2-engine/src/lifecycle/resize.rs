@@ -118,7 +118,7 @@ impl Image {
         let geo = self.geo;
         let m = &mut st.meta;
         let need = geo.l1_entries_for(new_size) as usize;
-        if need > m.mapping.l1().len() {
+        let synced = if need > m.mapping.l1().len() {
             let cs = geo.cluster_size();
             let clusters = geo.clusters_for(need as u64 * 8);
             let new_off = m.alloc_contiguous(clusters)?;
@@ -131,7 +131,7 @@ impl Image {
             raw.resize((clusters * cs) as usize, 0);
             let old_off = m.header.get().l1_table_offset;
             let old_entries = m.header.get().l1_size as u64;
-            m.switch_table(
+            let synced = m.switch_table(
                 NewTable {
                     kind: MetaKind::ActiveL1,
                     off: new_off,
@@ -146,23 +146,31 @@ impl Image {
                     }
                 },
             )?;
+            // The header names the new table and size: finish even if the sync failed.
             m.mapping.replace_l1(table);
             m.regions.remove(old_off);
             if old_entries > 0 {
                 let on_free = m.metadata_on_free;
                 m.free_clusters(old_off, geo.clusters_for(old_entries * 8), on_free)?;
-                // The switch is durable: the old table can be reused at once, as in QEMU
-                // (the next allocation, e.g. an L2 table for the new area, takes it).
-                m.release_quarantine()?;
+                // A durable switch lets the old table be reused at once, as in QEMU (the
+                // next allocation, e.g. an L2 table for the new area, takes it); after a
+                // failed sync it waits in the quarantine for the next barrier.
+                if synced.is_ok() {
+                    m.release_quarantine()?;
+                }
             }
+            synced
         } else if publish {
             m.update_header(|h| h.size = new_size)?;
-            m.sync()?;
-        }
+            m.sync()
+        } else {
+            Ok(())
+        };
         if publish {
+            // The header names the new size even when its sync failed: follow it.
             self.size_published(st, new_size);
         }
-        Ok(())
+        synced
     }
 
     /// Switch the header to `new_size` (the L1 table already covers it), after everything

@@ -198,20 +198,25 @@ impl Meta {
                 },
             )
         });
-        if let Err(e) = switched {
-            // Nothing links the new area; its clusters may be reused (not as fresh space).
-            // Counts for it in existing blocks are leaks at worst.
-            for i in 0..new_blocks.len() {
-                self.regions.remove(block_off(i));
+        let synced = match switched {
+            Ok(synced) => synced,
+            Err(e) => {
+                // Nothing links the new area; its clusters may be reused (not as fresh
+                // space). Counts for it in existing blocks are leaks at worst.
+                for i in 0..new_blocks.len() {
+                    self.regions.remove(block_off(i));
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
+        // The header names the new table: finish the switch even if its sync failed.
         self.refcounts.replace_table(table, false);
         self.regions.remove(old_off);
         for (i, (_, b)) in new_blocks.into_iter().enumerate() {
             self.install(Which::Refcount, block_off(i), b, false)?;
         }
-        self.free_clusters(old_off, old_clusters, self.metadata_on_free)
+        self.free_clusters(old_off, old_clusters, self.metadata_on_free)?;
+        synced
     }
 
     /// Storage length rounded up to a cluster.

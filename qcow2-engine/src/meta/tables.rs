@@ -21,13 +21,18 @@ pub(crate) struct NewTable<'a> {
 
 impl Meta {
     /// Write `new`, make it durable, and switch the header to it (one sector write, then a
-    /// sync). On failure nothing names the new table and it is no longer metadata; its
-    /// clusters stay allocated (a leak at worst). The caller frees the old table.
+    /// sync). On failure before the header write (`Err`) nothing names the new table and
+    /// it is no longer metadata; its clusters stay allocated (a leak at worst). Once the
+    /// header names it (in memory, and on disk unless the write is lost) the switch
+    /// stands even if the final sync fails: that error comes back inside `Ok`, for the
+    /// caller to return after completing the switch. (Undoing it would leave the header
+    /// naming clusters the allocator hands out again.) The caller frees the old table,
+    /// through the quarantine, so it stays intact until a later barrier succeeds.
     pub(crate) fn switch_table(
         &mut self,
         new: NewTable<'_>,
         switch: impl FnOnce(&mut Header),
-    ) -> Result<()> {
+    ) -> Result<Result<()>> {
         let cs = self.cluster_size();
         let len = (new.bytes.len() as u64).div_ceil(cs) * cs;
         self.regions.add(new.off, len, new.kind);
@@ -35,13 +40,13 @@ impl Meta {
             self.write_meta(new.bytes, new.off, new.kind, new.what)?;
             self.sync()?;
             let storage = self.storage.clone();
-            self.header.update(&*storage, switch)?;
-            self.sync()
+            self.header.update(&*storage, switch)
         })();
-        if r.is_err() {
+        if let Err(e) = r {
             self.regions.remove(new.off);
+            return Err(e);
         }
-        r
+        Ok(self.sync())
     }
 
     /// The validated L1 entry for `guest`. A damaged entry met in use marks the image
