@@ -23,19 +23,9 @@
 
 #include "common.h"
 
-static int checks, failures;
+#include "expect.h"
 
-#define EXPECT(cond, ...)                                                            \
-    do {                                                                             \
-        checks++;                                                                    \
-        if (!(cond)) {                                                               \
-            failures++;                                                              \
-            printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                  \
-            printf(__VA_ARGS__);                                                     \
-            printf(" (last error: \"%s\")\n", qcowprov_last_error());               \
-        }                                                                            \
-    } while (0)
-
+/* A call that must return exactly `code` (a message is not required). */
 #define EXPECT_RC(call, code)                                                        \
     do {                                                                             \
         int64_t r_ = (call);                                                         \
@@ -48,17 +38,6 @@ static int checks, failures;
 #define ROUNDS 20
 
 static unsigned char model[SIZE];
-static char dir[4096];
-
-static const char *path(const char *name)
-{
-    static char buf[4][4200];
-    static int k;
-    char *p = buf[k++ % 4];
-
-    snprintf(p, sizeof buf[0], "%s/%s", dir, name);
-    return p;
-}
 
 /* Wait for and reap exactly `n` completions; returns them in `out`. */
 static int reap_n(qcowprov_image *img, int fd, struct qcowprov_aio_completion *out, int n)
@@ -327,6 +306,5 @@ int main(int argc, char **argv)
 out:
     if (cmds)
         fclose(cmds);
-    printf("api-aio: %d checks, %d failed\n", checks, failures);
-    return failures ? 1 : 0;
+    return summary("api-aio");
 }

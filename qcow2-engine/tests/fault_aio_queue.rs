@@ -43,12 +43,11 @@ use std::time::Duration;
 use host_io::{Fault, FaultyStorage, MemStorage, OpKind};
 use qcow2_engine::{
     create_on, AioCompletion, AioKind, AioQueue, AioRequest, CreateOptions, Error, Image, IoBuf,
-    Mode, OpenOptions, Provision, Repair, ZeroFlags,
+    OpenOptions, Repair, ZeroFlags,
 };
+use support::faults::*;
 use support::*;
 
-const EIO: i32 = 5;
-const ENOSPC: i32 = 28;
 /// Requests in flight together, at most.
 const DEPTH: u64 = 24;
 
@@ -80,20 +79,7 @@ fn setup(name: &str, create: &str, policy: &str, size: u64, prefill: u64) -> Set
     let opts = format!(
         "{policy},aio=threads,aio-queue-depth={DEPTH},l2-cache-size=16K,refcount-cache-size=8K"
     );
-    let img = Image::open_storage(mem.clone(), &OpenOptions::parse(&opts).unwrap(), None).unwrap();
-    let cs = img.cluster_size();
-    let mut off = 0;
-    while off < prefill {
-        let len = (64 << 10).min(prefill - off);
-        img.write_at(&vec![(off >> 16) as u8 | 0x80; len as usize], off)
-            .unwrap();
-        off += len;
-    }
-    img.discard(prefill / 4, 4 * cs).unwrap();
-    img.write_zeroes(prefill / 2, 4 * cs, false).unwrap();
-    let mut model = vec![0u8; size as usize];
-    img.read_at(&mut model, 0).unwrap();
-    img.close().unwrap();
+    let (cs, model) = support::faults::prefill(&mem, &opts, size, prefill);
     Setup {
         name: format!("{name} {policy}"),
         opts,
@@ -201,13 +187,6 @@ struct Outcome {
     after_fault: Option<MemStorage>,
     /// The file after close.
     fin: Option<MemStorage>,
-}
-
-fn discard_zeroes(img: &Image) -> bool {
-    !matches!(
-        img.info().mode,
-        Mode::Provision(Provision::Off) | Mode::Qemu { unmap: false, .. }
-    )
 }
 
 /// Submit `reqs` and reap all their completions (in completion order); `first` is called
@@ -478,39 +457,6 @@ fn run(s: &Setup, fault: Option<Fault>, errno: i32, stays: bool) -> Result<Outco
         return Err("closed image differs from the model".into());
     }
     Ok(out)
-}
-
-/// The first few check messages, and how many there were.
-fn first_messages(m: &[String]) -> String {
-    format!("{:?} ({} messages)", &m[..m.len().min(3)], m.len())
-}
-
-fn qemu_no_corruption(p: &std::path::Path, what: &str) -> Result<(), String> {
-    let (code, out, err) = qemu_img_status(&["check", p.to_str().unwrap()]);
-    if code == 0 || code == 3 {
-        Ok(())
-    } else {
-        Err(format!("qemu-img check of {what}: {out}{err}"))
-    }
-}
-
-/// No corruption per the engine (read-only, as found) and, given a path, qemu-img.
-fn consistent(mem: &MemStorage, what: &str, qemu: Option<&std::path::Path>) -> Result<(), String> {
-    let ro = OpenOptions {
-        read_only: true,
-        ..Default::default()
-    };
-    let img = Image::open_storage(Arc::new(mem.snapshot()), &ro, None)
-        .map_err(|e| format!("open {what}: {e}"))?;
-    let r = img.check(Repair::None).map_err(|e| e.to_string())?;
-    if r.corruptions != 0 {
-        return Err(format!("{what}: {}", first_messages(&r.messages)));
-    }
-    if let Some(p) = qemu {
-        std::fs::write(p, mem.to_vec()).unwrap();
-        qemu_no_corruption(p, what)?;
-    }
-    Ok(())
 }
 
 /// A fault to inject, the errno it makes requests fail with, and whether it stays.

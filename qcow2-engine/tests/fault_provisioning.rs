@@ -27,11 +27,9 @@ mod support;
 use std::sync::Arc;
 
 use host_io::{Fault, FaultyStorage, MemStorage, OpKind};
-use qcow2_engine::{create_on, CreateOptions, Image, Mode, OpenOptions, Provision, Repair};
+use qcow2_engine::{create_on, CreateOptions, Image, OpenOptions, Repair};
+use support::faults::*;
 use support::*;
-
-const EIO: i32 = 5;
-const ENOSPC: i32 = 28;
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -58,20 +56,7 @@ fn setup(name: &str, create: &str, opts: &'static str, size: u64, prefill: u64) 
     let mut o = CreateOptions::parse(create).unwrap();
     o.size = Some(size);
     create_on(mem.clone(), &o, None).unwrap();
-    let img = Image::open_storage(mem.clone(), &OpenOptions::parse(opts).unwrap(), None).unwrap();
-    let cs = img.cluster_size();
-    let mut off = 0;
-    while off < prefill {
-        let len = (64 << 10).min(prefill - off);
-        img.write_at(&vec![(off >> 16) as u8 | 0x80; len as usize], off)
-            .unwrap();
-        off += len;
-    }
-    img.discard(prefill / 4, 4 * cs).unwrap();
-    img.write_zeroes(prefill / 2, 4 * cs, false).unwrap();
-    let mut model = vec![0u8; size as usize];
-    img.read_at(&mut model, 0).unwrap();
-    img.close().unwrap();
+    let (cs, model) = support::faults::prefill(&mem, opts, size, prefill);
     Setup {
         name: format!("{name} {opts}"),
         opts,
@@ -143,13 +128,6 @@ const KINDS: [OpKind; 5] = [
     OpKind::WriteZeroes,
     OpKind::SetLen,
 ];
-
-fn discard_zeroes(img: &Image) -> bool {
-    !matches!(
-        img.info().mode,
-        Mode::Provision(Provision::Off) | Mode::Qemu { unmap: false, .. }
-    )
-}
 
 /// Run the workload with `fault` (if any); `errno` is what failing calls must report.
 /// `scratch` is a buffer of at least the virtual size, reused between runs. Errors name
@@ -266,33 +244,6 @@ fn run_inner(
     Ok(out)
 }
 
-/// The first few check messages, and how many there were.
-fn first_messages(m: &[String]) -> String {
-    format!("{:?} ({} messages)", &m[..m.len().min(3)], m.len())
-}
-
-/// No corruption per the engine (read-only, as found) and, given a path, qemu-img.
-fn consistent(mem: &MemStorage, qemu: Option<&std::path::Path>) -> Result<(), String> {
-    let ro = OpenOptions {
-        read_only: true,
-        ..Default::default()
-    };
-    let img = Image::open_storage(Arc::new(mem.snapshot()), &ro, None)
-        .map_err(|e| format!("open as left by the fault: {e}"))?;
-    let r = img.check(Repair::None).map_err(|e| e.to_string())?;
-    if r.corruptions != 0 {
-        return Err(format!(
-            "as left by the fault: {}",
-            first_messages(&r.messages)
-        ));
-    }
-    if let Some(p) = qemu {
-        std::fs::write(p, mem.to_vec()).unwrap();
-        qemu_no_corruption(p, "the image as left by the fault")?;
-    }
-    Ok(())
-}
-
 /// Which faults a sweep injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Faults {
@@ -400,7 +351,11 @@ fn sweep(s: &Setup, which: Faults, qemu_every: usize) -> (usize, usize, Vec<Stri
             return Err("the fault fired but no call reported it".to_string());
         }
         if let Some(b) = &o.after_fault {
-            consistent(b, (i % qemu_every == 0).then_some(path))?;
+            consistent(
+                b,
+                "the image as left by the fault",
+                (i % qemu_every == 0).then_some(path),
+            )?;
         }
         if i % qemu_every == 0 {
             std::fs::write(path, o.fin.as_ref().expect("closed").to_vec()).unwrap();
@@ -470,15 +425,6 @@ fn add(a: &mut (usize, usize, Vec<String>), b: (usize, usize, Vec<String>)) {
     a.0 += b.0;
     a.1 += b.1;
     a.2.extend(b.2);
-}
-
-fn qemu_no_corruption(p: &std::path::Path, what: &str) -> Result<(), String> {
-    let (code, out, err) = qemu_img_status(&["check", p.to_str().unwrap()]);
-    if code == 0 || code == 3 {
-        Ok(())
-    } else {
-        Err(format!("qemu-img check of {what}: {out}{err}"))
-    }
 }
 
 /// 4 KiB clusters, 3 MiB (two L2 tables): allocation into fresh space (including a new L2

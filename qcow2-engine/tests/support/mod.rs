@@ -1,6 +1,6 @@
 //! Shared helpers for the engine's integration tests: temp dirs, the qemu-img/qemu-io
 //! oracle, and a seeded PRNG (this file); persistent bitmaps through QEMU's eyes
-//! (`bitmaps`), the crash sweep (`crash`), provisioning-mode
+//! (`bitmaps`), the crash sweep (`crash`), the fault sweeps' checks (`faults`), provisioning-mode
 //! host inspection (`prov`), the shared workloads (`frag`, `replay`) and the policy list
 //! (`policies`). Tests fail (not skip) when qemu-utils is missing.
 //!
@@ -12,6 +12,7 @@
 
 pub mod bitmaps;
 pub mod crash;
+pub mod faults;
 pub mod frag;
 pub mod policies;
 pub mod prov;
