@@ -45,37 +45,13 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use qcow2_engine::{Image, OpenOptions};
+use support::ops::Op;
 use support::prov::*;
 use support::*;
 
 const K: u64 = 1024;
 /// 154's image size.
 const SIZE: u64 = 128 << 20;
-
-#[derive(Debug, Clone, Copy)]
-enum Op {
-    Write(u64, u64, u8),
-    Zero(u64, u64),
-    ZeroUnmap(u64, u64),
-}
-
-impl Op {
-    fn qemu(&self) -> String {
-        match *self {
-            Op::Write(o, l, p) => format!("write -q -P {p} {o} {l}"),
-            Op::Zero(o, l) => format!("write -q -z {o} {l}"),
-            Op::ZeroUnmap(o, l) => format!("write -q -z -u {o} {l}"),
-        }
-    }
-
-    fn engine(&self, img: &Image) -> qcow2_engine::Result<()> {
-        match *self {
-            Op::Write(o, l, p) => img.write_at(&vec![p; l as usize], o),
-            Op::Zero(o, l) => img.write_zeroes(o, l, false),
-            Op::ZeroUnmap(o, l) => img.write_zeroes(o, l, true),
-        }
-    }
-}
 
 /// One base (shared read-only by both overlays) and the twin overlays.
 struct Twins {

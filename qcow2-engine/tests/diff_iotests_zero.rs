@@ -30,40 +30,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qcow2_engine::{Image, OpenOptions};
+use support::ops::Op;
 use support::prov::*;
 use support::*;
 
 /// qemu-io's defaults, as the iotests run it: guest discards reach the qcow2 layer
 /// (`discard=unmap`; `discard=ignore` would drop them).
 const QEMU_DEFAULT: &str = "discard=unmap";
-
-#[derive(Debug, Clone, Copy)]
-enum Op {
-    Write(u64, u64, u8),
-    Zero(u64, u64),
-    ZeroUnmap(u64, u64),
-    Discard(u64, u64),
-}
-
-impl Op {
-    fn qemu(&self) -> String {
-        match *self {
-            Op::Write(o, l, p) => format!("write -q -P {p} {o} {l}"),
-            Op::Zero(o, l) => format!("write -q -z {o} {l}"),
-            Op::ZeroUnmap(o, l) => format!("write -q -z -u {o} {l}"),
-            Op::Discard(o, l) => format!("discard -q {o} {l}"),
-        }
-    }
-
-    fn engine(&self, img: &Image) -> qcow2_engine::Result<()> {
-        match *self {
-            Op::Write(o, l, p) => img.write_at(&vec![p; l as usize], o),
-            Op::Zero(o, l) => img.write_zeroes(o, l, false),
-            Op::ZeroUnmap(o, l) => img.write_zeroes(o, l, true),
-            Op::Discard(o, l) => img.discard(o, l),
-        }
-    }
-}
 
 /// Twin images (and, with a base, twin backing files: each overlay has its own).
 struct Twins {

@@ -1,6 +1,7 @@
 //! Shared helpers for the engine's integration tests: temp dirs, the qemu-img/qemu-io
 //! oracle, and a seeded PRNG (this file); persistent bitmaps through QEMU's eyes
-//! (`bitmaps`), the crash sweep (`crash`), the fault sweeps' checks (`faults`), provisioning-mode
+//! (`bitmaps`), the crash sweep (`crash`), the fault sweeps' checks (`faults`), guest requests as
+//! qemu-io commands and engine calls (`ops`), provisioning-mode
 //! host inspection (`prov`), the shared workloads (`frag`, `replay`) and the policy list
 //! (`policies`). Tests fail (not skip) when qemu-utils is missing.
 //!
@@ -14,6 +15,7 @@ pub mod bitmaps;
 pub mod crash;
 pub mod faults;
 pub mod frag;
+pub mod ops;
 pub mod policies;
 pub mod prov;
 pub mod replay;
