@@ -691,7 +691,8 @@ int qcowprov_create(const char *path, const char *options, uint64_t size);
  * `read-only`, `cache.direct`, `l2-cache-size`, `l2-cache-entry-size`,
  * `refcount-cache-size`, `quarantine-slack`, `locking=on|off|auto` (alias `file.locking`),
  * `force-share`, `aio=auto|io_uring|threads` (the backend of the `qcowprov_aio_*` calls:
- * `auto` takes io_uring where the kernel allows it, else a thread pool; `io_uring` fails
+ * `auto` takes io_uring where the kernel allows it and the process is not under valgrind,
+ * which deadlocks on io_uring's waits, else a thread pool; `io_uring` fails
  * the open with `-ENOTSUP` where it cannot be used) and `aio-queue-depth` (requests
  * submitted and not reaped before `qcowprov_aio_*` gives `-EAGAIN`; default 1024).
  * NULL or "" means the defaults (`provision=metadata` on version 3 images,

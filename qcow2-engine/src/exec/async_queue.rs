@@ -106,6 +106,14 @@ pub(crate) fn alignment_of(img: &Image) -> u64 {
     }
 }
 
+/// Whether this process runs under valgrind (its preload libraries are in LD_PRELOAD).
+/// valgrind 3.19 runs io_uring_enter's wait while holding its big lock, so no other thread
+/// runs and the queue deadlocks; `aio=auto` takes the thread pool there (an explicit
+/// `aio=io_uring` is honoured).
+fn under_valgrind() -> bool {
+    std::env::var_os("LD_PRELOAD").is_some_and(|v| v.to_string_lossy().contains("/vgpreload_"))
+}
+
 /// The backend an image opened with `opts` on `storage` gets.
 pub(crate) fn choose_backend(
     storage: &Arc<dyn Storage>,
@@ -131,6 +139,7 @@ pub(crate) fn choose_backend(
     };
     match (opts.aio, why_not) {
         (AioMode::Threads, _) | (AioMode::Auto, Some(_)) => Ok(AioKind::Threads),
+        (AioMode::Auto, None) if under_valgrind() => Ok(AioKind::Threads),
         (_, None) => Ok(AioKind::IoUring),
         (AioMode::IoUring, Some(why)) => Err(Error::Unsupported(format!("aio=io_uring: {why}"))),
     }
