@@ -96,6 +96,16 @@ unsafe fn lend(buf: *const c_void, len: usize) -> CResult<IoBuf> {
     Ok(unsafe { IoBuf::from_raw_parts(buf.cast_mut().cast::<u8>(), len) })
 }
 
+/// The write of `buf` at `offset`, durable at completion with `QCOWPROV_WRITE_FUA` in
+/// `flags` (already checked for unknown bits).
+fn write_request(offset: u64, buf: IoBuf, flags: u32) -> AioRequest {
+    AioRequest::Write {
+        off: offset,
+        buf,
+        fua: flags & QCOWPROV_WRITE_FUA != 0,
+    }
+}
+
 /// Lend the caller's iovec buffers to a request.
 ///
 /// # Safety
@@ -237,19 +247,8 @@ pub unsafe extern "C" fn qcowprov_aio_pwrite(
         // SAFETY: non-NULL; the caller guarantees `len` readable bytes until the completion
         // (a write only reads them).
         let buf = unsafe { lend(buf, len) }?;
-        let fua = flags & QCOWPROV_WRITE_FUA != 0;
         // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
-        unsafe {
-            submit(
-                img,
-                cookie,
-                AioRequest::Write {
-                    off: offset,
-                    buf,
-                    fua,
-                },
-            )
-        }
+        unsafe { submit(img, cookie, write_request(offset, buf, flags)) }
     })
 }
 
@@ -278,19 +277,8 @@ pub unsafe extern "C" fn qcowprov_aio_pwritev(
         args::known_flags(flags, QCOWPROV_WRITE_FUA, "flags")?;
         // SAFETY: forwarded from the caller (a write only reads the buffers).
         let buf = unsafe { lend_iov(iov, iovcnt) }?;
-        let fua = flags & QCOWPROV_WRITE_FUA != 0;
         // SAFETY: the caller guarantees `img` is NULL or a handle, not closed concurrently.
-        unsafe {
-            submit(
-                img,
-                cookie,
-                AioRequest::Write {
-                    off: offset,
-                    buf,
-                    fua,
-                },
-            )
-        }
+        unsafe { submit(img, cookie, write_request(offset, buf, flags)) }
     })
 }
 
