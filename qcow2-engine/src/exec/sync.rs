@@ -35,6 +35,17 @@ impl Image {
 
     fn host_write(&self, host: u64, pieces: &[Piece], data: &[u8]) -> Result<()> {
         let io = |h: u64| Error::io_lazy(move || format!("writing data at host offset {h:#x}"));
+        // The common overwrite, straight from the caller's buffer with nothing to plan.
+        if let [Piece {
+            len,
+            fill: Fill::Guest { at },
+        }] = pieces
+        {
+            return self
+                .storage
+                .write_at(&data[*at..*at + *len as usize], host)
+                .map_err(io(host));
+        }
         let cheap_zero = self.storage.capabilities().zero_keep_allocated;
         let steps = write_steps(host, pieces, cheap_zero);
         if let Some((off, len)) = steps.first {
